@@ -1,0 +1,55 @@
+# The Makefile is the user's memory: thin targets over the klppo-bench CLI.
+# First use creates .venv and installs everything (CPU torch by default; see README for CUDA).
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+ENV    ?= Hopper
+SPEC   ?= experiments/bench.yaml
+EXPERIMENT ?= $(basename $(notdir $(SPEC)))
+RESULTS ?= results
+SEEDS  ?=
+FRAMES ?=
+BACKEND ?= local
+WORKERS ?=
+DEVICE ?= cpu
+TORCH  ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+SWEEP_ARGS := --env $(ENV) --backend $(BACKEND) --results $(RESULTS) --device $(DEVICE) \
+	$(if $(SEEDS),--seeds $(SEEDS)) $(if $(FRAMES),--frames $(FRAMES)) \
+	$(if $(WORKERS),--workers $(WORKERS))
+
+.PHONY: install bench sweep report test perf variants clean-venv
+
+$(BIN)/klppo-bench: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# torch first, pinned: the CPU build (a few hundred MB). GPU users: TORCH="torch==2.13.0 --index-url ..."
+	$(BIN)/python -m pip install -q $(TORCH)
+	$(BIN)/python -m pip install -q -e ".[test,ray]"
+	touch $@
+
+install: $(BIN)/klppo-bench
+
+bench: install
+	$(BIN)/klppo-bench sweep $(SPEC) $(SWEEP_ARGS)
+	$(BIN)/klppo-bench report $(RESULTS)/$(EXPERIMENT)
+
+sweep: install
+	$(BIN)/klppo-bench sweep $(SPEC) $(SWEEP_ARGS)
+
+report: install
+	$(BIN)/klppo-bench report $(RESULTS)/$(EXPERIMENT)
+
+variants: install
+	$(BIN)/klppo-bench variants
+
+test: install
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+perf: install
+	$(BIN)/python benchmarks/throughput.py --env $(ENV)
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,132 @@
+"""Command line: argument parsing only. ``klppo-bench variants | run | sweep | report``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from klppo_bench.errors import ConfigError
+
+
+def _cmd_variants(args) -> int:
+    from klppo_bench.variants import all_variants, load_plugins, variant_rows
+
+    load_plugins(args.plugin)
+    rows = variant_rows()
+    cols = ["name", "loss", "kl_estimator", "beta_rule", "description"]
+    widths = {c: max(len(c), *(len(r[c]) for r in rows)) for c in cols}
+    print("  ".join(c.upper().ljust(widths[c]) for c in cols).rstrip())
+    for r in rows:
+        print("  ".join(r[c].ljust(widths[c]) for c in cols).rstrip())
+    if args.params:
+        for name, v in all_variants().items():
+            print(f"\n{name}:")
+            for key, p in v.params.items():
+                print(f"  {key} = {p.default!r}  ({p.allowed()})  {p.doc}")
+            for key, value in v.pinned.items():
+                print(f"  {key} = {value!r}  (pinned)")
+    return 0
+
+
+def _cmd_run(args) -> int:
+    from pathlib import Path
+
+    from klppo_bench.config import build_run_config, parse_set_args
+    from klppo_bench.harness.run import execute_run
+
+    cfg = build_run_config(args.variant, args.env, args.seed, frames=args.frames,
+                           device=args.device, overrides=parse_set_args(args.set),
+                           plugins=tuple(args.plugin))
+    run = execute_run(cfg, Path(args.out), progress=None if not args.quiet else False)
+    status = run.status()
+    if status["state"] != "done":
+        print(f"klppo-bench: run {run.run_id} failed: {status['error']}", file=sys.stderr)
+        print(f"record: {run.path}", file=sys.stderr)
+        return 1
+    s = run.summary()
+    print(f"run {run.run_id} done in {status['seconds']:.0f} s ({s['sps']:.0f} env-steps/s): "
+          f"final score {s['final_score']:.1f} (last {s['final_score_episodes']} episodes), "
+          f"final deterministic eval {s['final_eval_return']:.1f}")
+    print(f"record: {run.path}")
+    return 0
+
+
+def _cmd_sweep(args) -> int:
+    from klppo_bench.sweep import main_sweep
+
+    return main_sweep(args)
+
+
+def _cmd_report(args) -> int:
+    from klppo_bench.report import main_report
+
+    return main_report(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="klppo-bench",
+        description="Benchmark PPO loss variants (torchrl) with rliable statistics.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("variants", help="list the registered loss variants")
+    p.add_argument("--params", action="store_true", help="also list each variant's parameters")
+    p.add_argument("--plugin", action="append", default=[], metavar="MODULE",
+                   help="import MODULE first (it registers variants); repeatable")
+    p.set_defaults(func=_cmd_variants)
+
+    p = sub.add_parser("run", help="one seeded training run")
+    p.add_argument("--variant", required=True, help="registry name (see `klppo-bench variants`)")
+    p.add_argument("--env", required=True, help="gymnasium id or family (Hopper -> Hopper-v5)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--frames", type=int, default=None, help="environment steps (default 1M)")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | auto")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a loss parameter (dtarg=0.03) or a harness field "
+                        "(train.epochs=5, model.trunk=shared, eval.every=0); repeatable")
+    p.add_argument("--plugin", action="append", default=[], metavar="MODULE")
+    p.add_argument("--out", default="results/adhoc",
+                   help="experiment directory; the run goes to OUT/runs/<run_id>/")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("sweep", help="run every run of an experiment spec (resumable)")
+    p.add_argument("spec", help="experiments/<name>.yaml")
+    p.add_argument("--env", action="append", default=None,
+                   help="replace the spec's environments; repeatable")
+    p.add_argument("--seeds", type=int, default=None, help="replace the spec's seed count")
+    p.add_argument("--frames", type=int, default=None, help="replace the spec's frames")
+    p.add_argument("--backend", default="local", choices=("local", "ray"))
+    p.add_argument("--workers", type=int, default=None, help="parallel runs (default: cores)")
+    p.add_argument("--ray-address", default=None, help="join a Ray cluster (e.g. auto)")
+    p.add_argument("--results", default="results", help="results root (default results/)")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | auto")
+    p.add_argument("--plugin", action="append", default=[], metavar="MODULE")
+    p.add_argument("--dry-run", action="store_true", help="list the runs and which are done")
+    p.add_argument("--retry-failed", action="store_true", help="rerun runs recorded as failed")
+    p.set_defaults(func=_cmd_sweep)
+
+    p = sub.add_parser("report", help="rliable statistics, tables and figures")
+    p.add_argument("experiment", help="results/<experiment>")
+    p.add_argument("--reps", type=int, default=2000, help="bootstrap repetitions")
+    p.add_argument("--random-state", type=int, default=0, help="bootstrap random state")
+    p.add_argument("--baseline", default="clip", help="setting for probability of improvement")
+    p.set_defaults(func=_cmd_report)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as err:
+        print(f"klppo-bench: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("klppo-bench: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

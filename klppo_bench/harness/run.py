@@ -1,0 +1,35 @@
+"""Execute one run into its run directory: config first, status last."""
+
+from __future__ import annotations
+
+import time
+import traceback
+from pathlib import Path
+
+from klppo_bench.config import RunConfig
+from klppo_bench.harness.provenance import provenance
+from klppo_bench.harness.train import train
+from klppo_bench.store import RunDir
+
+
+def execute_run(cfg: RunConfig, exp_dir: Path | str, progress: bool | None = None,
+                setting: str | None = None, raise_errors: bool = False) -> RunDir:
+    """Train ``cfg`` and store it under ``exp_dir/runs/<run_id>``.
+
+    A failure (divergence, exception) is recorded as ``failed`` with its reason; the
+    exception is re-raised only when ``raise_errors``. Returns the run directory.
+    """
+    run = RunDir(Path(exp_dir) / "runs" / cfg.run_id())
+    run.start(cfg.to_dict(), setting=setting, provenance=provenance(cfg.device))
+    t0 = time.time()
+    try:
+        result = train(cfg, progress=progress)
+    except Exception as err:  # recorded, not lost: the sweep reports it
+        run.fail(f"{type(err).__name__}: {err}", traceback=traceback.format_exc(limit=8),
+                 seconds=time.time() - t0)
+        if raise_errors:
+            raise
+        return run
+    run.finish({"metrics": result.metrics, "episodes": result.episodes, "evals": result.evals},
+               result.summary, seconds=time.time() - t0)
+    return run

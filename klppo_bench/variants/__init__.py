@@ -1,0 +1,19 @@
+"""Loss-variant registry; see :mod:`klppo_bench.variants.registry`."""
+
+from klppo_bench.variants.beta import BetaSchedule
+from klppo_bench.variants.distributions import JointNormal, JointNormalMC
+from klppo_bench.variants.registry import (
+    ENTRY_POINT_GROUP,
+    Param,
+    Variant,
+    all_variants,
+    get_variant,
+    load_plugins,
+    register,
+    variant_rows,
+)
+
+__all__ = [
+    "ENTRY_POINT_GROUP", "BetaSchedule", "JointNormal", "JointNormalMC", "Param", "Variant",
+    "all_variants", "get_variant", "load_plugins", "register", "variant_rows",
+]
