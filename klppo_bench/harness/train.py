@@ -53,6 +53,18 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def loss_kl_estimate(loss, batch) -> torch.Tensor:
+    """Per-sample KL(old || new) as the loss itself estimates it (closed form or Monte-Carlo).
+
+    ``KLPENPPOLoss.forward`` also adapts its ``beta`` buffer; the value is restored so this
+    measurement never moves beta.
+    """
+    beta = loss.beta.clone()
+    out = loss(batch)
+    loss.beta.copy_(beta)
+    return out["kl"].reshape(-1)
+
+
 def max_episode_steps(env_id: str) -> int:
     import gymnasium as gym
 
@@ -170,12 +182,17 @@ def train(cfg: RunConfig, progress: bool | None = None,
                         if key in out.keys():
                             stats.setdefault(key, []).append(float(out[key].mean()))
                     stats.setdefault("grad_norm", []).append(float(grad_norm))
-            schedule_kl = beta_schedule.after_iteration(loss, flat, cfg.loss)
             with torch.no_grad():
                 td = flat.select("observation").clone()
                 dist = models.policy.get_dist(td)
                 kl_batch = joint_normal_kl(flat["loc"], flat["scale"], td["loc"], td["scale"])
                 entropy = dist.entropy().mean()
+                kl_estimate = kl_estimate_err = math.nan
+                if variant.kl_estimator != "none":
+                    kl_samples = loss_kl_estimate(loss, flat)
+                    kl_estimate = float(kl_samples.mean())
+                    kl_estimate_err = float((kl_samples - kl_batch).std())
+            beta_schedule.after_iteration(loss, kl_estimate, cfg.loss)
             now = time.perf_counter()
             finished = [e for e in episodes if e[0] > frames - n_new]
             row = {
@@ -188,7 +205,8 @@ def train(cfg: RunConfig, progress: bool | None = None,
                 "loss_critic": float(np.mean(stats.get("loss_critic", [math.nan]))),
                 "kl": float(np.mean(stats["kl"])) if "kl" in stats else math.nan,
                 "kl_batch": float(kl_batch.mean()),
-                "kl_schedule": math.nan if schedule_kl is None else schedule_kl,
+                "kl_estimate": kl_estimate,
+                "kl_estimate_err_std": kl_estimate_err,
                 "kl_approx": float(np.mean(stats.get("kl_approx", [math.nan]))),
                 "beta": float(loss.beta) if hasattr(loss, "beta") else math.nan,
                 "entropy": float(entropy),

@@ -7,8 +7,8 @@
 * ``iteration`` -- the PPO paper's rule: beta changes once per policy update, from the mean
   KL of the whole batch after the epochs. The loss is built with ``increment = decrement =
   1`` (torchrl's per-call update becomes a no-op) and :meth:`IterationBeta.after_iteration`
-  applies the same thresholds to the full-batch KL, estimated by the loss itself (so a
-  Monte-Carlo variant adapts on its Monte-Carlo estimate).
+  applies the same thresholds to the full-batch KL after the epochs, as estimated by the
+  loss itself (so a Monte-Carlo variant adapts on its Monte-Carlo estimate).
 * ``fixed`` -- ``increment = decrement = 1``: beta never moves.
 * ``none`` -- the loss has no beta.
 """
@@ -27,9 +27,14 @@ class BetaSchedule:
         """Keywords forced on the loss constructor by this schedule."""
         return {}
 
-    def after_iteration(self, loss, batch, params) -> float | None:
-        """Hook after the epochs of an iteration; returns the KL it acted on, if any."""
-        return None
+    def after_iteration(self, loss, batch_kl: float, params) -> None:
+        """Hook after the epochs of an iteration.
+
+        Args:
+            loss: the loss module (its ``beta`` buffer is updated in place).
+            batch_kl: mean KL(old || new) over the whole batch, by the loss's estimator.
+            params: the variant's resolved parameters.
+        """
 
 
 class FixedBeta(BetaSchedule):
@@ -49,15 +54,13 @@ class IterationBeta(BetaSchedule):
     def loss_overrides(self) -> dict:
         return {"increment": 1.0, "decrement": 1.0}
 
-    def after_iteration(self, loss, batch, params) -> float:
-        with torch.no_grad():
-            kl = float(loss(batch)["kl"].mean())
+    def after_iteration(self, loss, batch_kl: float, params) -> None:
         dtarg = float(params["dtarg"])
-        if kl > 1.5 * dtarg:
-            loss.beta.mul_(float(params["increment"]))
-        elif kl < dtarg / 1.5:
-            loss.beta.mul_(float(params["decrement"]))
-        return kl
+        with torch.no_grad():
+            if batch_kl > 1.5 * dtarg:
+                loss.beta.mul_(float(params["increment"]))
+            elif batch_kl < dtarg / 1.5:
+                loss.beta.mul_(float(params["decrement"]))
 
 
 _SCHEDULES = {s.name: s for s in (BetaSchedule, FixedBeta, MinibatchBeta, IterationBeta)}
