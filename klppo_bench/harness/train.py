@@ -132,7 +132,7 @@ def train(cfg: RunConfig, progress: bool | None = None,
         env, models.policy, frames_per_batch=tc.steps_per_iter,
         total_frames=iterations * tc.steps_per_iter, env_device="cpu",
         policy_device=device, storing_device=device,
-        exploration_type=ExplorationType.RANDOM,
+        exploration_type=ExplorationType.RANDOM, auto_register_policy_transforms=False,
     )
     eval_max_steps = max_episode_steps(cfg.env)
     rows, episodes, evals = [], [], []
@@ -180,7 +180,7 @@ def train(cfg: RunConfig, progress: bool | None = None,
                     for key in ("loss_objective", "loss_critic", "kl", "kl_approx",
                                 "clip_fraction", "explained_variance"):
                         if key in out.keys():
-                            stats.setdefault(key, []).append(float(out[key].mean()))
+                            stats.setdefault(key, []).append(float(out[key].detach().mean()))
                     stats.setdefault("grad_norm", []).append(float(grad_norm))
             with torch.no_grad():
                 td = flat.select("observation").clone()
