@@ -42,7 +42,7 @@ class TrainConfig:
     num_envs: int = 1
     """Environments stepped together (gymnasium vector env); the paper uses 1."""
     obs_norm: bool = True
-    """Running observation normalization (torchrl VecNorm, equal weights)."""
+    """Running observation normalization (mean/variance of every observation so far)."""
     obs_clip: float = 10.0
     """Clip normalized observations to [-obs_clip, obs_clip] (0 disables)."""
 

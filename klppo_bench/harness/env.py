@@ -1,8 +1,8 @@
 """Environments: gymnasium tasks through torchrl's wrapper and transforms.
 
 Transforms, in order: double observations are cast to float32; observations are normalized
-by running statistics (``VecNorm``, equal weight on every sample like the PPO paper's
-running filter) and clipped; episode return and length are tracked (``RewardSum``,
+by running statistics (:class:`RunningObsNorm`, the PPO paper's running filter) and
+clipped; episode return and length are tracked (``RewardSum``,
 ``StepCounter``). Actions are clipped to the action box inside the simulator only
 (gymnasium's ``ClipAction``, which handles per-dimension bounds; torchrl's ``ClipTransform``
 takes scalars only), so the stored action and its log-probability stay those of the
@@ -14,6 +14,7 @@ from __future__ import annotations
 import warnings
 
 import torch
+from torchrl.data import Unbounded
 from torchrl.envs import (
     ClipTransform,
     Compose,
@@ -21,9 +22,67 @@ from torchrl.envs import (
     GymWrapper,
     RewardSum,
     StepCounter,
+    Transform,
     TransformedEnv,
-    VecNormV2,
 )
+
+
+class RunningObsNorm(Transform):
+    """Observation normalization by running mean and variance (baselines' RunningMeanStd).
+
+    Not torchrl's ``VecNormV2``, for a measured reason: it keeps ``E[x^2]`` and ``E[x]`` in
+    float32 and takes ``var = E[x^2] - E[x]^2``, which rounding makes negative; ``sqrt``
+    then gives NaN observations (seen on Hopper-v5, seed 3, within the first 256 steps).
+    Here the statistics are merged with Chan et al.'s parallel update in float64, starting
+    from mean 0, var 1, count 1e-4 as in OpenAI baselines; output is clipped to
+    ``[-clip, clip]`` (``clip = 0`` disables). ``frozen`` stops the updates (evaluation).
+    """
+
+    def __init__(self, shape: torch.Size, clip: float = 10.0, eps: float = 1e-8,
+                 in_keys=("observation",)):
+        super().__init__(in_keys=list(in_keys), out_keys=list(in_keys))
+        self.register_buffer("mean", torch.zeros(shape, dtype=torch.float64))
+        self.register_buffer("var", torch.ones(shape, dtype=torch.float64))
+        self.register_buffer("count", torch.tensor(1e-4, dtype=torch.float64))
+        self.clip, self.eps, self.frozen = clip, eps, False
+
+    def update(self, obs: torch.Tensor) -> None:
+        x = obs.detach().to(torch.float64).reshape(-1, *self.mean.shape)
+        n = x.shape[0]
+        batch_mean, batch_var = x.mean(0), x.var(0, unbiased=False)
+        total = self.count + n
+        delta = batch_mean - self.mean
+        self.mean += delta * n / total
+        self.var.copy_((self.var * self.count + batch_var * n
+                        + delta.pow(2) * self.count * n / total) / total)
+        self.count.copy_(total)
+
+    def normalize(self, obs: torch.Tensor) -> torch.Tensor:
+        out = (obs.to(torch.float64) - self.mean) / torch.sqrt(self.var + self.eps)
+        if self.clip > 0:
+            out = out.clamp(-self.clip, self.clip)
+        return out.to(obs.dtype)
+
+    def _apply_transform(self, obs: torch.Tensor) -> torch.Tensor:
+        if not self.frozen:
+            self.update(obs)
+        return self.normalize(obs)
+
+    def _reset(self, tensordict, tensordict_reset):
+        # Only the sub-envs that were reset bring new observations into the statistics.
+        mask = None if tensordict is None else tensordict.get("_reset", None)
+        for key in self.in_keys:
+            obs = tensordict_reset.get(key)
+            if not self.frozen:
+                self.update(obs if mask is None else obs[mask.reshape(obs.shape[:-1])])
+            tensordict_reset.set(key, self.normalize(obs))
+        return tensordict_reset
+
+    def transform_observation_spec(self, observation_spec):
+        for key in self.in_keys:
+            spec = observation_spec[key]
+            observation_spec[key] = Unbounded(spec.shape, device=spec.device, dtype=spec.dtype)
+        return observation_spec
 
 
 def make_env(env_id: str, seed: int, num_envs: int = 1, obs_norm: bool = True,
@@ -34,16 +93,18 @@ def make_env(env_id: str, seed: int, num_envs: int = 1, obs_norm: bool = True,
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if num_envs > 1:
-            raw = gym.make_vec(env_id, num_envs=num_envs, vectorization_mode="sync",
-                               wrappers=[gym.wrappers.ClipAction])
+            raw = gym.vector.SyncVectorEnv(
+                [lambda: gym.wrappers.ClipAction(gym.make(env_id))] * num_envs,
+                autoreset_mode=gym.vector.AutoresetMode.DISABLED,  # torchrl resets sub-envs
+            )
         else:
             raw = gym.wrappers.ClipAction(gym.make(env_id))
         base = GymWrapper(raw)
     transforms = [DoubleToFloat()]
     if obs_norm:
-        transforms.append(VecNormV2(in_keys=["observation"], decay=1.0, eps=1e-8,
-                                    reduce_batch_dims=num_envs > 1))
-    if obs_clip > 0:
+        obs_shape = base.observation_spec["observation"].shape[len(base.batch_size):]
+        transforms.append(RunningObsNorm(obs_shape, clip=obs_clip))
+    elif obs_clip > 0:
         transforms.append(ClipTransform(in_keys=["observation"], low=-obs_clip, high=obs_clip))
     transforms += [
         RewardSum(),
@@ -56,9 +117,9 @@ def make_env(env_id: str, seed: int, num_envs: int = 1, obs_norm: bool = True,
     return env
 
 
-def obs_normalizer(env: TransformedEnv) -> VecNormV2 | None:
+def obs_normalizer(env: TransformedEnv) -> RunningObsNorm | None:
     for t in env.transform:
-        if isinstance(t, VecNormV2):
+        if isinstance(t, RunningObsNorm):
             return t
     return None
 
@@ -68,8 +129,5 @@ def sync_obs_stats(src: TransformedEnv, dst: TransformedEnv) -> None:
     a, b = obs_normalizer(src), obs_normalizer(dst)
     if a is None or b is None:
         return
-    with torch.no_grad():
-        b._loc.copy_(a._loc)
-        b._var.copy_(a._var)
-        b._count.copy_(a._count)
-    b.freeze()
+    b.load_state_dict(a.state_dict())
+    b.frozen = True

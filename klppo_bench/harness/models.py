@@ -8,10 +8,16 @@ the KL path; see :mod:`klppo_bench.variants.distributions`).
 With ``trunk=shared`` one MLP trunk feeds a linear actor head and a linear value head, wired
 as torchrl's ``KLPENPPOLoss`` documentation describes:
 
-* ``operator`` -- ``ActorCriticOperator(common, actor_head, value_head)``; the loss gets
-  ``get_policy_operator()`` and ``get_value_operator()`` and the trunk runs twice per loss call;
-* ``single-call`` -- the loss gets ``ProbabilisticTensorDictSequential(common, actor_head)``
-  and the bare value head, which reads the trunk output the actor wrote; the trunk runs once.
+* ``operator`` -- ``ActorValueOperator(common, actor_head, value_head)``; the loss gets
+  ``get_policy_operator()`` and ``get_value_operator()``, so the critic reruns the trunk;
+* ``single-call`` -- the loss gets the same policy operator and the bare value head, which
+  reads the ``hidden`` the actor just wrote on the loss's own copy of the batch (torchrl
+  losses evaluate the actor before the critic), so the critic adds no trunk pass.
+
+``ActorValueOperator``, not ``ActorCriticOperator``: the latter is for Q(s, a) critics and
+refuses a ``state_value`` head. With ``separate_losses=True`` torchrl keeps critic gradients
+out of the trunk in both wirings: the operator critic gets detached copies of the shared
+parameters, and the loss detaches the batch (``hidden`` included) before the critic reads it.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from tensordict.nn import ProbabilisticTensorDictSequential, TensorDictModule
 from torch import nn
 from torchrl.envs.utils import ExplorationType
 from tensordict.nn.distributions.continuous import AddStateIndependentNormalScale
-from torchrl.modules import ActorCriticOperator, ProbabilisticActor, ValueOperator
+from torchrl.modules import ActorValueOperator, ProbabilisticActor, ValueOperator
 
 from klppo_bench.config import ModelConfig
 
@@ -107,14 +113,10 @@ def build_models(obs_dim: int, action_dim: int, cfg: ModelConfig, distribution_c
             distribution_class,
         )
         value_head = ValueOperator(_linear(width, 1, 1.0), in_keys=["hidden"])
-        operator = ActorCriticOperator(common, actor_head, value_head)
+        operator = ActorValueOperator(common, actor_head, value_head)
         policy = operator.get_policy_operator()
         value = operator.get_value_operator()
-        if cfg.wiring == "operator":
-            loss_actor, loss_critic = policy, value
-        else:
-            loss_actor = ProbabilisticTensorDictSequential(common, actor_head)
-            loss_critic = value_head
-        models = Models(policy, loss_actor, loss_critic, value, nn.ModuleList([operator]))
+        loss_critic = value if cfg.wiring == "operator" else value_head
+        models = Models(policy, policy, loss_critic, value, nn.ModuleList([operator]))
     models.modules.to(device)
     return models

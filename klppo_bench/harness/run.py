@@ -6,6 +6,9 @@ import time
 import traceback
 from pathlib import Path
 
+import torch
+from typing import Callable
+
 from klppo_bench.config import RunConfig
 from klppo_bench.harness.provenance import provenance
 from klppo_bench.harness.train import train
@@ -13,17 +16,20 @@ from klppo_bench.store import RunDir
 
 
 def execute_run(cfg: RunConfig, exp_dir: Path | str, progress: bool | None = None,
-                setting: str | None = None, raise_errors: bool = False) -> RunDir:
+                setting: str | None = None, raise_errors: bool = False,
+                on_iteration: Callable[[dict], None] | None = None) -> RunDir:
     """Train ``cfg`` and store it under ``exp_dir/runs/<run_id>``.
 
     A failure (divergence, exception) is recorded as ``failed`` with its reason; the
-    exception is re-raised only when ``raise_errors``. Returns the run directory.
+    exception is re-raised only when ``raise_errors``. ``on_iteration`` is passed to
+    :func:`train` (live progress for sweeps). Returns the run directory.
     """
+    torch.set_num_threads(1)  # one thread per run: faster on a shared machine, and it fixes the bits
     run = RunDir(Path(exp_dir) / "runs" / cfg.run_id())
     run.start(cfg.to_dict(), setting=setting, provenance=provenance(cfg.device))
     t0 = time.time()
     try:
-        result = train(cfg, progress=progress)
+        result = train(cfg, progress=progress, on_iteration=on_iteration)
     except Exception as err:  # recorded, not lost: the sweep reports it
         run.fail(f"{type(err).__name__}: {err}", traceback=traceback.format_exc(limit=8),
                  seconds=time.time() - t0)

@@ -1,0 +1,57 @@
+"""What every worker runs, whatever the backend: :func:`execute_job`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from klppo_bench.config import RunConfig
+from klppo_bench.harness.run import execute_run
+from klppo_bench.store import RunDir
+
+
+def run_status(exp_dir: Path | str, entry: dict) -> dict:
+    """The status a backend reports for one run of a job (read from its status.json)."""
+    cfg = entry["config"]
+    run = RunDir(Path(exp_dir) / "runs" / RunConfig.from_dict(cfg).run_id())
+    status = run.status() or {}
+    out = {"run_id": run.run_id, "setting": entry["setting"], "env": cfg["env"],
+           "seed": cfg["seed"], "state": status.get("state", "missing"),
+           "error": status.get("error"), "seconds": status.get("seconds"),
+           "attempts": status.get("attempts", 0), "final_score": None}
+    if out["state"] == "done":
+        out["final_score"] = run.summary().get("final_score")
+    return out
+
+
+def execute_job(job: list[dict], exp_dir: Path | str,
+                on_event: Callable[[dict], None] | None = None) -> list[dict]:
+    """Run each entry of ``job`` in order into ``exp_dir``; return one status per run.
+
+    A run that fails is recorded as failed by :func:`execute_run` and the job goes on.
+    """
+    statuses = []
+    for entry in job:
+        cfg = RunConfig.from_dict(entry["config"])
+        run_id = cfg.run_id()
+        hook = None
+        if on_event is not None:
+            on_event({"event": "start", "run_id": run_id, "frames": 0})
+
+            def hook(row: dict, run_id: str = run_id) -> None:
+                on_event({"event": "iteration", "run_id": run_id, "frames": row["frames"],
+                          "episode_return": row["episode_return"]})
+        execute_run(cfg, exp_dir, progress=False, setting=entry["setting"], on_iteration=hook)
+        statuses.append(run_status(exp_dir, entry))
+    return statuses
+
+
+def record_lost(job: list[dict], exp_dir: Path | str, reason: str) -> list[dict]:
+    """Statuses for a job whose worker died: unfinished runs are recorded as failed."""
+    out = []
+    for entry in job:
+        run = RunDir(Path(exp_dir) / "runs" / RunConfig.from_dict(entry["config"]).run_id())
+        if run.state() not in ("done", "failed"):
+            run.fail(reason)
+        out.append(run_status(exp_dir, entry))
+    return out

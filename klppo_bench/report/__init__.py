@@ -1,0 +1,28 @@
+"""``klppo-bench report results/<experiment>``: rliable statistics, tables, figures, report.md.
+
+Writes ``<experiment>/report/``: ``scores.csv``, ``aggregates.csv``, ``tables/*.{md,tex,csv}``,
+``figures/*.{pdf,png}`` and ``report.md``. See :mod:`klppo_bench.report.build`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def main_report(args) -> int:
+    """CLI entry point (``args``: experiment, reps, random_state, baseline and the optional
+    random_episodes, random_seed, out). Returns the exit status."""
+    from klppo_bench.report.build import ReportOptions, build_report
+
+    opts = ReportOptions(
+        reps=args.reps, random_state=args.random_state, baseline=args.baseline,
+        random_episodes=getattr(args, "random_episodes", 100),
+        random_seed=getattr(args, "random_seed", 0),
+        out=Path(args.out) if getattr(args, "out", None) else None)
+    rep = build_report(Path(args.experiment), opts)
+    print(f"report: {len(rep.runs)} finished runs, {len(rep.settings)} settings, "
+          f"{len(rep.envs)} env(s); {len(rep.not_done)} run(s) not done")
+    for note in rep.notes:
+        print(f"  note: {note}")
+    print(f"written: {rep.out / 'report.md'}")
+    return 0

@@ -1,0 +1,143 @@
+"""``report.md``: one page that states what was run and how it was measured, then shows the
+tables and figures."""
+
+from __future__ import annotations
+
+import sys
+from importlib import metadata
+
+from klppo_bench.report.tables import fmt
+from klppo_bench.stats import aggregate as agg
+
+PACKAGES = ("klppo-bench", "rliable", "arch", "numpy", "scipy", "pandas", "matplotlib",
+            "seaborn", "gymnasium", "mujoco", "torch", "torchrl")
+
+CAPTIONS = {
+    "aggregate_intervals": "Aggregate min-max normalized final score: IQM, mean, median and "
+                           "optimality gap (lower is better) with 95% stratified-bootstrap CIs.",
+    "performance_profiles": "Performance profiles: fraction of runs whose normalized score "
+                            "exceeds tau, 95% CI bands.",
+    "poi_vs_baseline": "Probability of improvement P(X > Y) of each setting over the baseline, "
+                       "95% CIs (0.5: no difference).",
+    "poi_pairwise": "Pairwise probability of improvement P(row > column); CIs in "
+                    "aggregates.csv (kind = poi_pairwise).",
+    "sample_efficiency": "Sample efficiency: IQM of the min-max normalized training return "
+                         "vs frames, 95% CIs.",
+    "dtarg_increment_lines": "Sensitivity to dtarg for each increment: mean final score, 95% CIs.",
+    "dtarg_increment_heatmap": "Sensitivity grid: mean final score per (dtarg, increment).",
+    "wall_clock": "Wall-clock time per run (mean over runs, 95% CIs); machine load affects it.",
+}
+
+
+def versions() -> str:
+    out = [f"python {sys.version.split()[0]}"]
+    for name in PACKAGES:
+        try:
+            out.append(f"{name} {metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            pass
+    return ", ".join(out)
+
+
+def _caption(name: str) -> str:
+    for prefix, text in (("learning_curves_", "Training return (mean of episodes finished in "
+                          "each iteration, smoothed) vs frames on {}: mean over seeds, 95% "
+                          "bootstrap CI band (rliable, percentile)."),
+                         ("kl_diagnostics_", "KL diagnostics on {}: closed-form KL of each "
+                          "batch after the update divided by dtarg (dotted: the adaptive rule's "
+                          "band 1/1.5 .. 1.5), and beta; mean over seeds, 95% CI bands."),
+                         ("mc_vs_analytic_kl_", "Analytic vs Monte-Carlo KL on {}: the loss's "
+                          "MC estimate (dashed) beside the closed form of the same batch "
+                          "(solid), and the spread of the per-sample MC estimate.")):
+        if name.startswith(prefix):
+            return text.format(name[len(prefix):])
+    return CAPTIONS.get(name, name)
+
+
+def _settings_table(rep) -> str:
+    runs = rep.runs
+    lines = ["| setting | variant | varied parameters | seeds per env | not done |",
+             "|:---|:---|:---|:---|---:|"]
+    for s in rep.settings:
+        g = runs[runs.setting == s]
+        per_env = ", ".join(f"{e}: {n}" for e, n in g.groupby("env").size().items())
+        failed = int((rep.not_done.setting == s).sum()) if len(rep.not_done) else 0
+        base = " (baseline)" if s == rep.baseline else ""
+        lines.append(f"| `{s}`{base} | {g.variant.iloc[0]} | {rep.params.get(s) or '--'} | "
+                     f"{per_env} | {failed} |")
+    return "\n".join(lines) + "\n"
+
+
+def _normalization_table(rep) -> str:
+    opts = rep.options
+    lines = ["| env | random policy | best setting (= 1) | best mean score | reference (= 1) "
+             "| reference source |", "|:---|---:|:---|---:|---:|:---|"]
+    for r in rep.constants.itertuples():
+        rnd = rep.random[r.env]
+        ref = "--" if r.reference_score != r.reference_score else \
+            f"{fmt(r.reference_score)} ({r.reference_env})"
+        lines.append(f"| {r.env} | {fmt(rnd['mean'])} +/- {fmt(rnd['std'])} | `{r.best_setting}` "
+                     f"| {fmt(r.best_score)} | {ref} | {r.reference_source or '--'} |")
+    lines.append("")
+    lines.append(f"Random policy: uniform actions, {opts.random_episodes} episodes, seed "
+                 f"{opts.random_seed} (mean +/- std of returns), measured with gymnasium and "
+                 f"cached.")
+    return "\n".join(lines) + "\n"
+
+
+def _not_done(rep) -> str:
+    if not len(rep.not_done):
+        return "None: every run of the experiment is done.\n"
+    lines = ["| run_id | state | setting | env | seed | error |", "|:---|:---|:---|:---|---:|:---|"]
+    for r in rep.not_done.itertuples():
+        error = (r.error or "").splitlines()[0][:120] if r.error else ""
+        lines.append(f"| {r.run_id} | {r.state} | `{r.setting}` | {r.env} | {r.seed} | {error} |")
+    return "\n".join(lines) + "\n"
+
+
+def render(rep) -> str:
+    opts = rep.options
+    frames = sorted(rep.runs.frames.dropna().unique())
+    out = [f"# Report: {rep.exp_dir.name}", ""]
+    out.append(f"Experiment `{rep.exp_dir}`: {len(rep.runs)} finished runs, "
+               f"{len(rep.settings)} settings x {len(rep.envs)} environment(s) "
+               f"({', '.join(rep.envs)}), {', '.join(f'{int(f):,}' for f in frames)} frames per run.")
+    out.append("")
+    out.append(
+        "**Score.** A run's final score is the mean return of its last 100 training episodes "
+        "(the PPO paper's rule; `final_score` in scores.csv, with the final deterministic "
+        "evaluation as `final_eval_return`). *minmax* normalization per environment: random "
+        "policy = 0, best setting's mean final score in this experiment = 1 (PPO paper, "
+        "Table 1). *reference*: random = 0, published score = 1.")
+    out.append("")
+    out.append(
+        f"**Statistics.** rliable {metadata.version('rliable')}: stratified bootstrap over runs "
+        f"within each environment, percentile {int(agg.CI_SIZE * 100)}% CIs, "
+        f"**{opts.reps} repetitions, random state {opts.random_state}** (numpy's global "
+        f"generator is seeded with it for every estimate, because rliable 1.2.0 draws its "
+        f"resamples from it). Settings with unequal seeds per environment keep every run "
+        f"(independent per-task resampling, tasks weighted equally). Probability of "
+        f"improvement baseline: `{rep.baseline or 'none'}`.")
+    out.append("")
+    if rep.notes:
+        out.append("**Notes.**")
+        out.append("")
+        out += [f"- {n}" for n in rep.notes]
+        out.append("")
+    out += ["## Settings", "", _settings_table(rep), "## Normalization constants", "",
+            _normalization_table(rep), "## Runs not done", "", _not_done(rep)]
+    out += ["## Aggregate (min-max normalized)", "", rep.tables["aggregate"]]
+    if "table1" in rep.tables:
+        out += ["## Average normalized score per setting (Table 1 style)", "", rep.tables["table1"]]
+    out += ["## Final score per environment", "", rep.tables["env_setting"]]
+    if "aggregate_reference" in rep.tables:
+        out += ["## Aggregate (reference normalized)", "", rep.tables["aggregate_reference"]]
+    out += ["## Figures", ""]
+    for name, path in rep.figures.items():
+        out += [f"![{name}]({path})", "", f"*{_caption(name)}* (`{path[:-4]}.pdf`)", ""]
+    out += ["## Files", "",
+            "`scores.csv` (one row per finished run), `aggregates.csv` (every estimate with "
+            "its CI, reps and random state), `tables/` (.md, .tex, .csv), `figures/` (.pdf "
+            "with TrueType fonts, 300-dpi .png).", "",
+            f"Versions: {versions()}.", ""]
+    return "\n".join(out)

@@ -1,0 +1,1 @@
+"""Plugin modules for tests, loaded with ``--plugin tests.plugins.<module>``."""

@@ -1,0 +1,169 @@
+"""Experiment specs: expansion, stable run ids, setting labels, and bad specs (no runs)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from klppo_bench import cli
+from klppo_bench.errors import ConfigError
+from klppo_bench.sweep import expand, load_spec
+
+ROOT = Path(__file__).resolve().parents[1]
+EXPERIMENTS = ROOT / "experiments"
+
+
+def spec_runs(name: str, **overrides):
+    return expand(load_spec(EXPERIMENTS / f"{name}.yaml", **overrides))
+
+
+def test_shipped_specs_expand_to_their_grids():
+    bench = spec_runs("bench")
+    assert len(bench) == 6 * 10
+    assert {r.setting for r in bench} == {"clip", "no-clip", "klpen-adaptive",
+                                          "klpen-adaptive-mc", "klpen-fixed", "klpen-fixed-mc"}
+    assert {r.config.frames for r in bench} == {1_000_000}
+
+    walker = spec_runs("bench", envs=["Walker2d"], seeds=2, frames=20_000)
+    assert len(walker) == 6 * 2
+    assert {(r.config.env, r.config.frames) for r in walker} == {("Walker2d-v5", 20_000)}
+    assert [r.config.seed for r in walker] == [0] * 6 + [1] * 6  # seed-major order
+
+    grid = spec_runs("dtarg_increment", seeds=1)
+    assert len(grid) == 1 + 3 * 3
+    for run in grid[1:]:
+        loss = run.config.loss
+        assert loss["decrement"] == 1.0 / loss["increment"]
+        assert run.setting == (f"klpen-adaptive(dtarg={loss['dtarg']:g},"
+                               f"increment={loss['increment']:g})")
+    assert "klpen-adaptive(dtarg=0.003,increment=1.5)" in {r.setting for r in grid}
+    assert grid[0].setting == "clip"
+
+    table1 = spec_runs("ppo_table1")
+    assert len(table1) == (1 + 3 + 3 + 4) * 7 * 3
+    assert len({r.config.env for r in table1}) == 7
+    fixed = {r.config.loss["beta"] for r in table1 if r.config.variant == "klpen-fixed"}
+    assert fixed == {0.3, 1.0, 3.0, 10.0}
+    assert "clip(clip_epsilon=0.1)" in {r.setting for r in table1}
+
+    smoke = spec_runs("smoke")
+    assert len(smoke) == 4
+    assert smoke[0].config.train.steps_per_iter == 256 and smoke[0].config.eval.every == 0
+
+
+def test_run_ids_are_stable_unique_and_follow_the_config(tmp_path):
+    first = spec_runs("dtarg_increment", seeds=2)
+    again = spec_runs("dtarg_increment", seeds=2)
+    assert [r.run_id for r in first] == [r.run_id for r in again]
+    assert len({r.run_id for r in first}) == len(first)
+
+    # One changed grid value renames exactly the runs it touches.
+    text = (EXPERIMENTS / "dtarg_increment.yaml").read_text().replace("0.03]", "0.05]")
+    (tmp_path / "changed.yaml").write_text(text)
+    changed = expand(load_spec(tmp_path / "changed.yaml", seeds=2))
+    old, new = {r.run_id for r in first}, {r.run_id for r in changed}
+    moved = [r for r in changed if r.run_id not in old]
+    assert len(moved) == 3 * 2  # dtarg 0.05 x 3 increments x 2 seeds
+    assert all(r.config.loss["dtarg"] == 0.05 for r in moved)
+    assert len(old - new) == 3 * 2
+
+
+def snapshot(root: Path) -> list:
+    return sorted((str(p.relative_to(root)), p.stat().st_mtime_ns) for p in root.rglob("*"))
+
+
+BASE = """\
+name: bad
+envs: [Hopper]
+seeds: 2
+frames: 4096
+variants:
+  - name: klpen-adaptive
+    params: {dtarg: [0.01, 0.03]}
+"""
+
+BAD_SPECS = {
+    "yaml-syntax": (BASE + "  - name: [clip\n", ["YAML syntax error", "line"]),
+    "unknown-top-key": (BASE + "seed: 3\n", ["unknown key 'seed'", "allowed: name,"]),
+    "unknown-variant-key": (BASE.replace("    params", "    param"),
+                            ["variants[0]: unknown key 'param'", "allowed: name, params"]),
+    "unknown-variant": (BASE.replace("klpen-adaptive", "klpen-adaptiv"),
+                        ["variants[0].name", "'klpen-adaptiv'", "allowed: clip,"]),
+    "unknown-param": (BASE.replace("dtarg:", "dtargs:"),
+                      ["variants[0].params", "'dtargs'", "allowed: dtarg, beta,"]),
+    "unknown-env": (BASE.replace("[Hopper]", "[Hoper]"), ["envs", "'Hoper'", "Hopper"]),
+    "bad-type-frames": (BASE.replace("4096", "lots"), ["frames='lots'", "allowed: int >= 1"]),
+    "bad-type-seeds": (BASE.replace("seeds: 2", "seeds: [0, a]"), ["seeds=", "allowed: a count"]),
+    "bad-type-grid": (BASE.replace("0.03]", "big]"), ["dtarg='big'", "allowed: float > 0"]),
+    "out-of-range": (BASE.replace("0.03]", "-0.1]"), ["dtarg=-0.1", "out of range",
+                                                      "allowed: float > 0"]),
+    "out-of-range-train": (BASE + "train: {epochs: 0}\n", ["train.epochs=0", "allowed: int >= 1"]),
+    "unknown-train-key": (BASE + "train: {epoch: 3}\n", ["train: unknown key 'epoch'",
+                                                         "allowed: steps_per_iter"]),
+    "too-few-frames": (BASE.replace("4096", "100"), ["frames=100", "allowed: >= 2048"]),
+    "empty-grid-param": (BASE.replace("[0.01, 0.03]", "[]"), ["params.dtarg=[]", "empty grid"]),
+    "empty-grid-seeds": (BASE.replace("seeds: 2", "seeds: 0"), ["seeds=0", "empty grid"]),
+    "empty-grid-variants": (BASE.split("variants:")[0] + "variants: []\n",
+                            ["variants=[]", "empty grid"]),
+    "derived-unset": (BASE + "    derived: {decrement: {reciprocal: increment}}\n",
+                      ["derived.decrement", "allowed: one rule"]),
+    "derived-op": (BASE + "    derived: {decrement: {inverse: dtarg}}\n",
+                   ["unknown key 'inverse'", "allowed: reciprocal"]),
+    "colliding-settings": (BASE + "  - name: klpen-adaptive\n    params: {dtarg: [0.01, 0.03], "
+                           "beta_schedule: minibatch}\n",
+                           ["variants[1]", "setting 'klpen-adaptive(dtarg=0.01)'",
+                            "allowed: distinct labels"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_SPECS))
+def test_bad_spec_fails_up_front_naming_file_key_and_allowed(case, tmp_path, capsys):
+    text, expected = BAD_SPECS[case]
+    spec = tmp_path / f"{case}.yaml"
+    spec.write_text(text)
+    results = tmp_path / "results"
+    (results / "other").mkdir(parents=True)
+    (results / "other" / "keep.txt").write_text("untouched")
+    before = snapshot(results)
+
+    with pytest.raises(ConfigError) as err:
+        expand(load_spec(spec))
+    assert cli.main(["sweep", str(spec), "--results", str(results)]) == 2
+    message = capsys.readouterr().err.strip()
+    assert message == f"klppo-bench: error: {err.value}"  # one line
+    assert "\n" not in message and str(spec) in message
+    for fragment in expected:
+        assert fragment in message, (fragment, message)
+    assert snapshot(results) == before
+
+
+def test_bad_command_line_values(tmp_path, capsys):
+    smoke = str(EXPERIMENTS / "smoke.yaml")
+    for argv, fragment in [
+        (["--seeds", "0"], "--seeds=0 is invalid"),
+        (["--frames", "-5"], "--frames=-5 is invalid"),
+        (["--env", "NoSuchEnv"], "--env: unknown gymnasium environment 'NoSuchEnv'"),
+        (["--workers", "0"], "--workers=0 is invalid; allowed: int >= 1"),
+        (["--ray-address", "auto"], "--ray-address applies to --backend ray only"),
+    ]:
+        assert cli.main(["sweep", smoke, "--results", str(tmp_path / "r"), *argv]) == 2
+        assert fragment in capsys.readouterr().err
+    assert cli.main(["sweep", str(tmp_path / "missing.yaml")]) == 2
+    assert "no such spec file" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+def test_dry_run_lists_runs_and_writes_nothing(tmp_path, capsys):
+    results = tmp_path / "results"
+    rc = cli.main(["sweep", str(EXPERIMENTS / "smoke.yaml"), "--results", str(results),
+                   "--dry-run"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    runs = spec_runs("smoke")
+    for run in runs:
+        assert run.run_id in out
+    assert out.count(" missing ") == len(runs)
+    assert "4 runs" in out and "4 to run" in out
+    assert not results.exists()
