@@ -14,6 +14,7 @@ import torch
 import yaml
 from torchrl.objectives import ClipPPOLoss
 
+from klppo_bench.cli import main
 from klppo_bench.config import build_run_config, resolve_env_id
 from klppo_bench.errors import ConfigError
 from klppo_bench.harness.run import execute_run
@@ -119,15 +120,20 @@ def test_cli_run_writes_a_complete_record(tmp_path):
     (["--device", "tpu"], "allowed: cpu, cuda"),
     (["--frames", "0"], "frames=0"),
 ])
-def test_bad_input_is_one_line_error_and_writes_nothing(tmp_path, args, needle):
+def test_bad_input_is_one_line_error_and_writes_nothing(tmp_path, capsys, args, needle):
     flags = {"--variant": "klpen-adaptive", "--env": "Hopper", **dict(zip(args[::2], args[1::2]))}
     argv = ["run", "--seed", "0", "--out", str(tmp_path / "exp")]
     for flag, value in flags.items():
         argv += [flag, value]
-    p = _cli(*argv)
-    assert p.returncode == 2, p.stderr
-    lines = p.stderr.strip().splitlines()
-    assert len(lines) == 1 and needle in lines[0], p.stderr
+    assert main(argv) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], lines
+    assert not (tmp_path / "exp").exists()
+
+
+def test_bad_input_exit_code_from_the_console_script(tmp_path):
+    p = _cli("run", "--variant", "nope", "--env", "Hopper", "--out", str(tmp_path / "exp"))
+    assert p.returncode == 2 and p.stderr.startswith("klppo-bench: error: --variant: unknown")
     assert not (tmp_path / "exp").exists()
 
 

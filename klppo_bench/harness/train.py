@@ -59,9 +59,10 @@ def loss_kl_estimate(loss, batch) -> torch.Tensor:
     ``KLPENPPOLoss.forward`` also adapts its ``beta`` buffer; the value is restored so this
     measurement never moves beta.
     """
-    beta = loss.beta.clone()
+    beta = loss.beta.clone() if hasattr(loss, "beta") else None
     out = loss(batch)
-    loss.beta.copy_(beta)
+    if beta is not None:
+        loss.beta.copy_(beta)
     return out["kl"].reshape(-1)
 
 

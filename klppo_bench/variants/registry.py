@@ -13,9 +13,13 @@ Variants come from three places: the built-ins (:mod:`klppo_bench.variants.built
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import math
+import os
+import sys
 from dataclasses import dataclass, field
 from importlib import metadata
+from pathlib import Path
 from typing import Any, Mapping
 
 import torch
@@ -222,13 +226,34 @@ def _register_loaded(obj: Any, source: str) -> None:
                 register(v)
 
 
+_LOADED_PLUGINS: set[str] = set()
+
+
 def load_plugins(modules: list[str] | tuple[str, ...] = ()) -> None:
-    """Import each plugin module (which calls :func:`register`), once."""
+    """Import each plugin (a module name, or a ``.py`` file path) once; it calls :func:`register`.
+
+    Module names are looked up on ``sys.path`` plus the current directory, so
+    ``--plugin my_variants`` finds ``./my_variants.py`` from the console script too.
+    """
     for module in modules:
+        if module in _LOADED_PLUGINS:
+            continue
         try:
-            importlib.import_module(module)
+            if module.endswith(".py") or os.sep in module:
+                path = Path(module).resolve()
+                spec = importlib.util.spec_from_file_location(f"klppo_plugin_{path.stem}", path)
+                if spec is None or not path.is_file():
+                    raise ImportError(f"no such file: {path}")
+                mod = importlib.util.module_from_spec(spec)
+                sys.modules[spec.name] = mod
+                spec.loader.exec_module(mod)
+            else:
+                if os.getcwd() not in sys.path:
+                    sys.path.append(os.getcwd())
+                importlib.import_module(module)
         except ImportError as err:
             raise ConfigError(f"--plugin {module}: cannot import it ({err})") from err
+        _LOADED_PLUGINS.add(module)
 
 
 def all_variants() -> dict[str, Variant]:
