@@ -142,6 +142,7 @@ def test_single_call_runs_the_trunk_once_less_and_gives_the_same_losses(name):
         torch.testing.assert_close(sc[key], op[key], rtol=1e-6, atol=1e-7)
     if "kl" in op.keys():
         torch.testing.assert_close(sc["kl"], op["kl"])
+    assert all(g is not None for g in sc_grads + op_grads)
     for g_sc, g_op in zip(sc_grads, op_grads, strict=True):
         torch.testing.assert_close(g_sc, g_op, rtol=1e-5, atol=1e-7)
 
