@@ -169,3 +169,18 @@ def test_restart_clears_stale_outputs(tmp_path):
     assert run.state() == "done" and run.status()["attempts"] == 2
     assert len(run.table("metrics")) == 2
     assert not list(run.path.glob(".*.tmp"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a CPU-only torch")
+def test_cuda_without_a_gpu_is_a_clear_error():
+    with pytest.raises(ConfigError, match="CUDA is not available"):
+        build_run_config("clip", "Hopper", 0, device="cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("variant", ["clip", "klpen-adaptive-mc"])
+def test_cuda_run_trains_networks_on_the_gpu(variant):
+    cfg = build_run_config(variant, "Hopper", 0, frames=TINY_FRAMES, device="cuda", overrides=TINY)
+    result = train(cfg, progress=False)
+    assert cfg.device == "cuda"
+    assert result.metrics["loss_objective"].notna().all() and len(result.episodes) > 0
