@@ -34,6 +34,8 @@ import pandas as pd
 import yaml
 
 STATES = ("pending", "running", "done", "failed")
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 TABLES = ("metrics", "episodes", "evals")
 
 
@@ -42,6 +44,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; results are shared files
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

@@ -275,6 +275,21 @@ def _grid_points(entry: dict, where: str) -> Iterator[tuple[dict, list[str]]]:
         yield point, axes
 
 
+def _planned_run(spec: Spec, i: int, env: str, seed: int, point: dict,
+                 axes: list[str]) -> PlannedRun:
+    entry, where = spec.variants[i], f"{spec.path}: variants[{i}]"
+    try:
+        cfg = build_run_config(entry["name"], env, seed, frames=spec.frames, device=spec.device,
+                               overrides={**spec.overrides, **point}, plugins=spec.plugins,
+                               where=f"{where}.params", resolve_env=False)
+    except ConfigError as err:  # cross-field checks (frames vs steps_per_iter) name no file
+        if str(err).startswith(str(spec.path)):
+            raise
+        raise ConfigError(f"{spec.path}: {err}") from None
+    grid = ",".join(f"{k}={_fmt(cfg.loss[k])}" for k in axes)
+    return PlannedRun(cfg, (entry["label"] or entry["name"]) + (f"({grid})" if axes else ""))
+
+
 def expand(spec: Spec) -> list[PlannedRun]:
     """Every run of ``spec``, validated, in execution order (seed-major).
 
@@ -282,37 +297,24 @@ def expand(spec: Spec) -> list[PlannedRun]:
         ConfigError: a bad value in any grid point, or two different runs sharing a setting.
     """
     runs: list[PlannedRun] = []
-    owner: dict[tuple, tuple[str, int]] = {}
+    owner: dict[tuple, int] = {}  # (env, setting, seed) -> variant entry
     ids: set[str] = set()
     for seed in spec.seeds:
         for env in spec.envs:
             for i, entry in enumerate(spec.variants):
                 where = f"{spec.path}: variants[{i}]"
                 for point, axes in _grid_points(entry, where):
-                    try:
-                        cfg = build_run_config(entry["name"], env, seed, frames=spec.frames,
-                                               device=spec.device,
-                                               overrides={**spec.overrides, **point},
-                                               plugins=spec.plugins, where=where,
-                                               resolve_env=False)
-                    except ConfigError as err:
-                        msg = str(err)
-                        raise (err if msg.startswith(str(spec.path))
-                               else ConfigError(f"{where}: {msg}")) from None
-                    base = entry["label"] or entry["name"]
-                    label = base + (f"({','.join(f'{k}={_fmt(cfg.loss[k])}' for k in axes)})"
-                                    if axes else "")
-                    run = PlannedRun(cfg, label)
-                    key = (env, label, seed)
+                    run = _planned_run(spec, i, env, seed, point, axes)
+                    key = (env, run.setting, seed)
                     if run.run_id in ids:
-                        raise ConfigError(f"{where}: run {run.run_id} ({label}) is already "
-                                          "defined by another entry; allowed: distinct configs")
+                        raise ConfigError(f"{where}: run {run.run_id} ({run.setting}) is "
+                                          "defined twice; allowed: distinct configs")
                     if key in owner:
                         raise ConfigError(
-                            f"{where}: setting {label!r} names two different configs "
-                            f"(also variants[{owner[key][1]}]); allowed: distinct labels "
+                            f"{where}: setting {run.setting!r} names two different configs "
+                            f"(also variants[{owner[key]}]); allowed: distinct labels "
                             "(add label: to an entry)")
-                    owner[key] = (run.run_id, i)
+                    owner[key] = i
                     ids.add(run.run_id)
                     runs.append(run)
     return runs
@@ -375,6 +377,8 @@ def _print_plan(runs: list[PlannedRun], states: dict[str, str], retry_failed: bo
 def _summary(name: str, runs: list[PlannedRun], states: dict[str, str], ran: int) -> str:
     counts = {s: sum(v == s for v in states.values()) for s in ("done", "failed")}
     other = len(runs) - counts["done"] - counts["failed"]
+    if not ran and counts["done"] == len(runs):
+        return f"sweep {name}: all {len(runs)} runs are done; nothing to run"
     text = (f"sweep {name}: {len(runs)} runs: {counts['done']} done, {counts['failed']} failed"
             + (f", {other} not finished" if other else "") + f" ({ran} run now)")
     return text
@@ -424,6 +428,11 @@ def _execute(todo: list[PlannedRun], exp_dir: Path, args) -> None:
         # Today one run per job; a seed-batched engine will put several seeds in one job.
         for status in backend.run([[r.job_entry()] for r in todo]):
             progress.on_status(status)
+    except KeyboardInterrupt:
+        progress.close()
+        print(f"sweep interrupted after {progress.finished} of {len(todo)} runs; the same "
+              "command resumes it (finished runs are kept)", file=sys.stderr)
+        raise
     finally:
         progress.close()
 

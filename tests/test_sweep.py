@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -70,6 +69,20 @@ def test_run_ids_are_stable_unique_and_follow_the_config(tmp_path):
     assert len(old - new) == 3 * 2
 
 
+def test_labels_aliases_and_fixed_values(tmp_path):
+    spec = tmp_path / "labels.yaml"
+    spec.write_text(BASE + "  - name: klpen-adaptive\n    label: klpen-minibatch\n"
+                    "    params: {dtarg: [0.01], beta_schedule: minibatch, entropy_coef: 0.0}\n")
+    runs = expand(load_spec(spec))
+    assert [r.setting for r in runs[:3]] == ["klpen-adaptive(dtarg=0.01)",
+                                             "klpen-adaptive(dtarg=0.03)",
+                                             "klpen-minibatch(dtarg=0.01)"]
+    assert runs[2].config.loss["beta_schedule"] == "minibatch"
+    assert runs[2].config.loss["entropy_coeff"] == 0.0
+    assert runs[0].config.loss["beta_schedule"] == "iteration"
+    assert len(runs) == 3 * 2
+
+
 def snapshot(root: Path) -> list:
     return sorted((str(p.relative_to(root)), p.stat().st_mtime_ns) for p in root.rglob("*"))
 
@@ -96,7 +109,8 @@ BAD_SPECS = {
     "unknown-env": (BASE.replace("[Hopper]", "[Hoper]"), ["envs", "'Hoper'", "Hopper"]),
     "bad-type-frames": (BASE.replace("4096", "lots"), ["frames='lots'", "allowed: int >= 1"]),
     "bad-type-seeds": (BASE.replace("seeds: 2", "seeds: [0, a]"), ["seeds=", "allowed: a count"]),
-    "bad-type-grid": (BASE.replace("0.03]", "big]"), ["dtarg='big'", "allowed: float > 0"]),
+    "bad-type-grid": (BASE.replace("0.03]", "big]"),
+                      ["variants[0].params: dtarg='big'", "allowed: float > 0"]),
     "out-of-range": (BASE.replace("0.03]", "-0.1]"), ["dtarg=-0.1", "out of range",
                                                       "allowed: float > 0"]),
     "out-of-range-train": (BASE + "train: {epochs: 0}\n", ["train.epochs=0", "allowed: int >= 1"]),
@@ -111,6 +125,8 @@ BAD_SPECS = {
                       ["derived.decrement", "allowed: one rule"]),
     "derived-op": (BASE + "    derived: {decrement: {inverse: dtarg}}\n",
                    ["unknown key 'inverse'", "allowed: reciprocal"]),
+    "duplicate-run": (BASE + "  - name: klpen-adaptive\n    params: {dtarg: 0.03}\n",
+                      ["variants[1]", "defined twice", "allowed: distinct configs"]),
     "colliding-settings": (BASE + "  - name: klpen-adaptive\n    params: {dtarg: [0.01, 0.03], "
                            "beta_schedule: minibatch}\n",
                            ["variants[1]", "setting 'klpen-adaptive(dtarg=0.01)'",
