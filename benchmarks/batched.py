@@ -1,0 +1,169 @@
+"""Seed-batched engine benchmark: total env-steps/s for S seeds per process.
+
+Every measurement runs in its own fresh process (one torch thread) so that its peak RSS is
+its own; in the same benchmark run it measures:
+
+* ``raw gymnasium``            -- ``env.step`` with random actions (the ceiling per core);
+* ``plain-torch PPO``          -- :mod:`plain_ppo`, one seed (the yardstick);
+* ``reference engine``         -- :func:`klppo_bench.harness.train.train`, one seed (torchrl);
+* ``batched S=k``              -- :func:`klppo_bench.harness.batched.train_batched` with k seeds;
+* ``2 x plain-torch``          -- two plain-torch loops at once (one per core);
+* ``2 x batched S=k``          -- two batched processes at once (a 2-worker sweep of 2k seeds).
+
+Total env-steps/s = all seeds' frames / wall time of the process(es), setup included. Each
+row gets its ratio to the single plain-torch loop and to raw stepping; the table is printed
+and written to ``--out``. Not part of the test suite.
+
+    python benchmarks/batched.py --env Hopper [--seeds 1 2 4 8 16] [--frames 4096]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+
+def _child(args) -> dict:
+    """Run one measurement in this process; return frames, seconds and peak RSS."""
+    import torch
+
+    torch.set_num_threads(1)
+    overrides = {"eval.every": 0, "eval.episodes": 1}
+    if args.child == "raw":
+        from throughput import raw_gym_sps
+
+        steps = args.frames
+        t0 = time.perf_counter()
+        raw_gym_sps(args.env, steps)
+        frames = steps
+    elif args.child == "plain":
+        from plain_ppo import run_plain_ppo
+
+        t0 = time.perf_counter()
+        frames = run_plain_ppo(args.env, args.frames)["frames"]
+    elif args.child == "reference":
+        from klppo_bench.config import build_run_config
+        from klppo_bench.harness.train import train
+
+        cfg = build_run_config(args.variant, args.env, 0, frames=args.frames, overrides=overrides)
+        t0 = time.perf_counter()
+        frames = train(cfg, progress=False).summary["frames"]
+    else:
+        from klppo_bench.config import build_run_config
+        from klppo_bench.harness.batched import train_batched
+
+        cfgs = [build_run_config(args.variant, args.env, args.seed0 + s, frames=args.frames,
+                                 overrides=overrides) for s in range(args.n)]
+        t0 = time.perf_counter()
+        results = train_batched(cfgs, progress=False)
+        frames = sum(r.summary["frames"] for r in results if not isinstance(r, Exception))
+    seconds = time.perf_counter() - t0
+    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"frames": frames, "seconds": seconds, "rss_mb": rss_mb}
+
+
+def _spawn(kind: str, args, n: int = 1, seed0: int = 0, frames: int | None = None) -> subprocess.Popen:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", kind, "--env", args.env,
+           "--variant", args.variant, "--frames", str(frames or args.frames), "--n", str(n),
+           "--seed0", str(seed0)]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+
+
+def _collect(procs: list[subprocess.Popen]) -> list[dict]:
+    out = []
+    for p in procs:
+        stdout, _ = p.communicate()
+        if p.returncode:
+            raise RuntimeError(f"benchmark child failed ({p.returncode}): {p.args}")
+        out.append(json.loads(stdout.strip().splitlines()[-1]))
+    return out
+
+
+def measure(name: str, kind: str, args, seeds: int = 1, processes: int = 1,
+            frames: int | None = None) -> dict:
+    """Start ``processes`` children at once (each ``seeds`` seeds) and time them together."""
+    t0 = time.perf_counter()
+    procs = [_spawn(kind, args, seeds, seed0=k * seeds, frames=frames) for k in range(processes)]
+    results = _collect(procs)
+    wall = time.perf_counter() - t0
+    total = sum(r["frames"] for r in results)
+    # the children's own timers exclude interpreter start-up; the slowest one sets the pace
+    seconds = max(r["seconds"] for r in results)
+    row = {"name": name, "seeds_per_process": seeds, "processes": processes,
+           "frames_total": total, "seconds": seconds, "total_sps": total / seconds,
+           "per_seed_sps": total / seconds / (seeds * processes) if kind != "raw" else total / seconds,
+           "peak_rss_mb": max(r["rss_mb"] for r in results), "wall_with_startup": wall}
+    print(f"  {name}: {row['total_sps']:,.0f} env-steps/s, {row['peak_rss_mb']:.0f} MB",
+          file=sys.stderr, flush=True)
+    return row
+
+
+def main(argv: list[str] | None = None) -> pd.DataFrame:
+    parser = argparse.ArgumentParser(description="total env-steps/s of the seed-batched engine")
+    parser.add_argument("--env", default="Hopper")
+    parser.add_argument("--variant", default="clip")
+    parser.add_argument("--frames", type=int, default=4096, help="frames per seed")
+    parser.add_argument("--seeds", type=int, nargs="*", default=[1, 2, 4, 8, 16],
+                        help="seeds per process to measure")
+    parser.add_argument("--sweep-seeds", type=int, default=10,
+                        help="seeds of the 2-worker sweep row (split over 2 processes)")
+    parser.add_argument("--no-reference", action="store_true", help="skip the torchrl engine row")
+    parser.add_argument("--out", default="results/perf/batched.csv")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--n", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--seed0", type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    from klppo_bench.config import resolve_env_id
+
+    args.env = resolve_env_id(args.env)
+    if args.child:
+        print(json.dumps(_child(args)))
+        return pd.DataFrame()
+
+    import torch
+    from throughput import machine_note
+
+    torch.set_num_threads(1)  # as in every child, so the note says what the children ran with
+    print(f"batched engine on {args.env} ({args.variant}, {args.frames} frames/seed): "
+          f"{machine_note()}", file=sys.stderr)
+    rows = [measure("raw gymnasium", "raw", args, frames=20_000),
+            measure("plain-torch PPO", "plain", args)]
+    if not args.no_reference:
+        rows.append(measure(f"reference engine ({args.variant})", "reference", args))
+    for n in args.seeds:
+        rows.append(measure(f"batched S={n}", "batched", args, seeds=n))
+    rows.append(measure("2 x plain-torch (concurrent)", "plain", args, processes=2))
+    half = max(1, args.sweep_seeds // 2)
+    rows.append(measure(f"2 x batched S={half} (concurrent)", "batched", args, seeds=half,
+                        processes=2))
+    df = pd.DataFrame(rows)
+    raw = df.loc[df.name == "raw gymnasium", "total_sps"].iloc[0]
+    plain = df.loc[df.name == "plain-torch PPO", "total_sps"].iloc[0]
+    df["vs_plain"] = df["total_sps"] / plain
+    df["vs_raw"] = df["total_sps"] / raw
+    pair = df.loc[df.name == "2 x plain-torch (concurrent)", "total_sps"].iloc[0]
+    df["vs_2x_plain"] = df["total_sps"] / pair
+    df["env"], df["variant"] = args.env, args.variant
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    df.to_csv(out, index=False)
+    show = df.drop(columns=["env", "variant", "wall_with_startup"])
+    print(f"total env-steps/s on {args.env}, {args.variant}, {args.frames} frames per seed "
+          f"({machine_note()})")
+    print(show.to_string(index=False, float_format=lambda x: f"{x:,.2f}" if abs(x) < 10 else f"{x:,.0f}"))
+    print(f"written: {out}")
+    return df
+
+
+if __name__ == "__main__":
+    main()

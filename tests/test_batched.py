@@ -1,0 +1,301 @@
+"""The seed-batched engine: torchrl's loss math per seed, GAE, observation statistics, and
+run records that the store cannot tell from the reference engine's."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from tensordict import TensorDict
+from torchrl.objectives.value import GAE
+
+from klppo_bench.config import build_run_config
+from klppo_bench.harness.batched import (
+    after_iteration,
+    _gae,
+    batch_unsupported_reason,
+    check_batch,
+    execute_batch,
+    train_batched,
+)
+from klppo_bench.harness.batched_env import ObsNorm
+from klppo_bench.harness.batched_loss import batched_loss, kl_per_sample, loss_spec
+from klppo_bench.harness.batched_nets import (
+    StackedActorCritic,
+    init_seed_models,
+    reference_parameters,
+)
+from klppo_bench.harness.env import RunningObsNorm
+from klppo_bench.harness.run import execute_run
+from klppo_bench.harness.train import loss_kl_estimate, train
+from klppo_bench.store import RunDir, load_experiment
+from klppo_bench.variants import all_variants, get_variant
+
+from tests.conftest import TINY, TINY_FRAMES
+
+TIMING = ["update_seconds", "wall_seconds", "sps"]
+HARNESS_KEYS = ("loss_objective", "loss_critic", "loss_entropy", "kl", "kl_approx",
+                "clip_fraction", "explained_variance", "entropy")
+OBS, ACT, B, SEEDS = 11, 3, 64, (0, 1, 2)
+# per call: how far the behaviour policy is from the current one (KL well above, below,
+# near and above dtarg = 0.01, so an adaptive beta grows and shrinks)
+OFFSETS = (0.3, 0.005, 0.08, 0.4, 0.002)
+
+
+def _cases():
+    for name, v in all_variants().items():
+        if v.beta_rule == "adaptive":
+            for schedule in ("minibatch", "iteration"):
+                yield pytest.param(name, {"beta_schedule": schedule}, id=f"{name}-{schedule}")
+        else:
+            yield pytest.param(name, {}, id=name)
+    yield pytest.param("clip", {"entropy_bonus": "true", "entropy_coeff": 0.01,
+                                "loss_critic_type": "smooth_l1", "critic_coeff": 0.5,
+                                "normalize_advantage": "false", "clip_epsilon": 0.1},
+                       id="clip-options")
+    yield pytest.param("klpen-fixed-mc", {"samples_mc_kl": 4, "entropy_bonus": "true",
+                                          "loss_critic_type": "l1", "beta": 3.0},
+                       id="klpen-fixed-mc-options")
+    yield pytest.param("klpen-adaptive", {"critic_coeff": 0.0, "beta_schedule": "minibatch",
+                                          "increment": 1.5, "decrement": 0.75, "dtarg": 0.03},
+                       id="klpen-adaptive-nocritic")
+
+
+def _data(nets: StackedActorCritic, offset: float, gen: torch.Generator) -> dict:
+    """Batch for S seeds whose behaviour policy is ``offset`` away from the current one."""
+    S = nets.seeds
+    obs = torch.randn(S, B, OBS, generator=gen)
+    with torch.no_grad():
+        loc, scale = nets.loc(obs), nets.scale().expand(S, B, ACT)
+    old_loc = loc + offset * torch.randn(S, B, ACT, generator=gen)
+    old_scale = scale * torch.exp(offset * torch.randn(S, 1, ACT, generator=gen)).expand(S, B, ACT)
+    action = old_loc + old_scale * torch.randn(S, B, ACT, generator=gen)
+    log_prob = torch.distributions.Normal(old_loc, old_scale).log_prob(action).sum(-1)
+    return {"observation": obs, "action": action, "log_prob": log_prob, "loc": old_loc,
+            "scale": old_scale, "advantage": torch.randn(S, B, 1, generator=gen),
+            "value_target": torch.randn(S, B, 1, generator=gen)}
+
+
+def _td(data: dict, s: int, log_prob_key) -> TensorDict:
+    return TensorDict({"observation": data["observation"][s], "action": data["action"][s],
+                       log_prob_key: data["log_prob"][s], "loc": data["loc"][s],
+                       "scale": data["scale"][s], "advantage": data["advantage"][s],
+                       "value_target": data["value_target"][s]}, batch_size=[B])
+
+
+def _mc_noise(spec, call: int) -> torch.Tensor | None:
+    """The standard-normal draws torchrl makes for seed s in call ``call`` after
+    ``torch.manual_seed(100 * call + s)``."""
+    if spec.objective != "klpen" or spec.analytic_kl:
+        return None
+    out = []
+    for s in range(len(SEEDS)):
+        torch.manual_seed(100 * call + s)
+        out.append(torch.randn(spec.samples_mc_kl, B, ACT))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("variant,overrides", list(_cases()))
+def test_batched_loss_equals_torchrl_loss(variant, overrides):
+    """Same weights and data: equal loss values, KL, beta trajectory and gradients per seed."""
+    cfg = build_run_config(variant, "Hopper", 0, overrides=overrides)
+    v = get_variant(variant)
+    reason = batch_unsupported_reason(cfg)
+    if v.loss_class.__module__.startswith("torchrl."):
+        assert reason is None, reason
+    elif reason:
+        pytest.skip(f"a plugin variant the batched engine refuses: {reason}")
+    models = [init_seed_models(OBS, ACT, cfg.model, v.distribution_class, s)[0] for s in SEEDS]
+    losses = [v.build_loss(m.loss_actor, m.loss_critic, cfg.loss) for m in models]
+    spec = loss_spec(losses[0], v.distribution_class)
+    assert spec.analytic_kl == (v.kl_estimator != "monte-carlo")
+    nets = StackedActorCritic.from_models(models, cfg.model)
+    ref_params = [reference_parameters(m) for m in models]
+    stacked = nets.ordered_parameters()
+    beta = torch.full((len(SEEDS),), spec.beta if spec.beta is not None else math.nan)
+    gen = torch.Generator().manual_seed(7)
+    key = losses[0].tensor_keys.sample_log_prob
+    betas = []
+    for call, offset in enumerate(OFFSETS):
+        data = _data(nets, offset, gen)
+        out = batched_loss(spec, nets, data, beta if spec.objective == "klpen" else None,
+                           _mc_noise(spec, call))
+        grads = torch.autograd.grad(out["total"].sum(), stacked, allow_unused=True)
+        for s, (loss, params) in enumerate(zip(losses, ref_params)):
+            torch.manual_seed(100 * call + s)
+            ref = loss(_td(data, s, key))
+            total = sum(val for k, val in ref.items() if k.startswith("loss_"))
+            ref_grads = torch.autograd.grad(total, params, allow_unused=True)
+            keys = [k for k in HARNESS_KEYS if k in ref.keys()]
+            assert sorted(keys) == sorted(k for k in HARNESS_KEYS if k in out)
+            for k in keys:
+                torch.testing.assert_close(out[k][s], ref[k].detach().mean(), rtol=1e-4,
+                                           atol=1e-6, msg=f"{k} seed {s} call {call}")
+            torch.testing.assert_close(out["total"][s], total.detach(), rtol=1e-4, atol=1e-6)
+            if spec.objective == "klpen":
+                assert float(beta[s]) == float(loss.beta), f"beta seed {s} call {call}"
+            for i, (g, rg) in enumerate(zip(grads, ref_grads)):
+                if rg is None:
+                    assert g is None or not g[s].any(), f"param {i}"
+                    continue
+                torch.testing.assert_close(g[s], rg, rtol=1e-4, atol=1e-6,
+                                           msg=f"grad of param {i} seed {s} call {call}")
+        betas.append(beta.clone())
+    schedule = v.beta_schedule(cfg.loss)
+    if spec.objective == "klpen":
+        # the paper's once-per-update rule, from each seed's full-batch KL estimate
+        data = _data(nets, 0.3, gen)
+        noise = _mc_noise(spec, 99)
+        with torch.no_grad():
+            est = kl_per_sample(spec, data["loc"], data["scale"], nets.loc(data["observation"]),
+                                nets.scale().expand(len(SEEDS), B, ACT), noise).mean(1)
+        after_iteration(schedule, beta, est, cfg.loss, list(range(len(SEEDS))))
+        for s, loss in enumerate(losses):
+            torch.manual_seed(100 * 99 + s)
+            ref_est = loss_kl_estimate(loss, _td(data, s, key)).mean()
+            torch.testing.assert_close(est[s], ref_est, rtol=1e-4, atol=1e-7)
+            schedule.after_iteration(loss, float(ref_est), cfg.loss)
+            assert float(beta[s]) == float(loss.beta)
+    trajectory = torch.stack(betas)
+    if v.beta_rule == "adaptive" and cfg.loss["beta_schedule"] == "minibatch":
+        steps = torch.diff(torch.cat([torch.full((1, len(SEEDS)), spec.beta), trajectory]), dim=0)
+        assert (steps > 0).any() and (steps < 0).any(), "beta must have grown and shrunk"
+    elif spec.objective == "klpen":
+        assert (trajectory == spec.beta).all(), "beta moves only in the minibatch schedule"
+        if v.beta_rule == "adaptive":
+            assert (beta == spec.beta * cfg.loss["increment"]).all(), "one iteration step"
+
+
+def test_gae_equals_torchrl_gae():
+    cfg = build_run_config("clip", "Hopper", 0)
+    S, E, T = 2, 2, 50
+    models = [init_seed_models(OBS, ACT, cfg.model, get_variant("clip").distribution_class, s)[0]
+              for s in range(S)]
+    nets = StackedActorCritic.from_models(models, cfg.model)
+    gen = torch.Generator().manual_seed(1)
+    obs, next_obs = torch.randn(2, S, E * T, OBS, generator=gen)
+    reward = torch.randn(S, E * T, generator=gen)
+    done = torch.rand(S, E * T, generator=gen) < 0.1
+    terminated = done & (torch.rand(S, E * T, generator=gen) < 0.5)  # the rest are truncations
+    adv, target = _gae(nets, obs, next_obs, reward, done, terminated, torch.tensor(0.99),
+                       torch.tensor(0.95), S, E, T)
+    for s in range(S):
+        gae = GAE(gamma=0.99, lmbda=0.95, value_network=models[s].value, average_gae=False)
+        td = TensorDict({
+            "observation": obs[s].view(E, T, OBS),
+            "next": {"observation": next_obs[s].view(E, T, OBS),
+                     "reward": reward[s].view(E, T, 1), "done": done[s].view(E, T, 1),
+                     "terminated": terminated[s].view(E, T, 1)}}, batch_size=[E, T])
+        gae(td)
+        torch.testing.assert_close(adv[s], td["advantage"].reshape(E * T, 1), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(target[s], td["value_target"].reshape(E * T, 1), rtol=1e-5,
+                                   atol=1e-5)
+
+
+def test_obs_statistics_are_bit_identical_to_the_reference_transform():
+    ref = RunningObsNorm(torch.Size([OBS]), clip=10.0)
+    ours = ObsNorm(2, OBS, enabled=True, clip=10.0)
+    rng = np.random.default_rng(0)
+    for n in (1, 1, 3, 1, 2):  # a step (n = num_envs) or a partial reset
+        x = (rng.standard_normal((n, OBS)) * 5 + 2).astype(np.float32)
+        expected = ref._apply_transform(torch.from_numpy(x)).numpy()
+        got = ours(np.stack([x, x]).astype(np.float64))
+        np.testing.assert_array_equal(got[0], expected)
+        np.testing.assert_array_equal(got[1], expected)
+    np.testing.assert_array_equal(ours.mean[0], ref.mean.numpy())
+    np.testing.assert_array_equal(ours.var[1], ref.var.numpy())
+
+
+def _deterministic(df: pd.DataFrame) -> pd.DataFrame:
+    return df.drop(columns=[c for c in TIMING if c in df.columns])
+
+
+def test_batched_seed_tracks_the_reference_engine_and_has_its_schema():
+    """Seed 3 in a batch with seed 4 starts from the reference's weights, env states and
+    action noise; the first iteration reproduces the reference engine's episodes exactly."""
+    cfgs = [build_run_config("klpen-adaptive-mc", "Hopper", s, frames=TINY_FRAMES,
+                             overrides=TINY) for s in (3, 4)]
+    batched = train_batched(cfgs, progress=False)
+    ref = train(cfgs[0], progress=False)
+    got = batched[0]
+    assert list(got.metrics.columns) == list(ref.metrics.columns)
+    assert list(got.episodes.columns) == list(ref.episodes.columns)
+    assert list(got.evals.columns) == list(ref.evals.columns)
+    assert sorted(got.summary) == sorted(ref.summary)
+    first = ref.episodes[ref.episodes.frames <= TINY["train.steps_per_iter"]]
+    pd.testing.assert_frame_equal(got.episodes.iloc[:len(first)], first, rtol=1e-5)
+    a, b = _deterministic(ref.metrics).iloc[0], _deterministic(got.metrics).iloc[0]
+    pd.testing.assert_series_equal(b, a, rtol=1e-3, atol=1e-6)
+    assert not got.episodes["return"].equals(batched[1].episodes["return"])
+
+
+def test_same_seeds_twice_give_identical_metrics():
+    cfgs = [build_run_config("klpen-adaptive", "Hopper", s, frames=TINY_FRAMES,
+                             overrides={**TINY, "beta_schedule": "minibatch"}) for s in (0, 1)]
+    a, b = train_batched(cfgs, progress=False), train_batched(cfgs, progress=False)
+    for x, y in zip(a, b):
+        pd.testing.assert_frame_equal(_deterministic(x.metrics), _deterministic(y.metrics),
+                                      check_exact=True)
+        pd.testing.assert_frame_equal(x.episodes, y.episodes, check_exact=True)
+        pd.testing.assert_frame_equal(x.evals, y.evals, check_exact=True)
+    assert a[0].metrics["loss_objective"].iloc[-1] != a[1].metrics["loss_objective"].iloc[-1]
+
+
+def test_execute_batch_writes_reference_run_dirs_and_resumes_per_seed(tmp_path):
+    cfgs = [build_run_config("clip", "Hopper", s, frames=TINY_FRAMES, overrides=TINY)
+            for s in (0, 1, 2)]
+    ref_run = execute_run(cfgs[0], tmp_path / "reference", progress=False)
+    exp = tmp_path / "batched"
+    first = execute_batch(cfgs[:1], exp, progress=False, settings=["clip"])[0]
+    done_at = first.status()["done_at"]
+    # seed 1 looks like a batched job killed mid-way: started, never finished
+    RunDir(exp / "runs" / cfgs[1].run_id()).start(cfgs[1].to_dict())
+    runs = execute_batch(cfgs, exp, progress=False, settings=["clip"] * 3)
+    assert [r.state() for r in runs] == ["done"] * 3
+    assert runs[0].status()["done_at"] == done_at and runs[0].status()["attempts"] == 1
+    assert runs[1].status()["attempts"] == 2 and runs[2].status()["attempts"] == 1
+    assert runs[1].status()["provenance"]["batch_seeds"] == [1, 2]
+    files = lambda run: sorted(p.name for p in run.path.iterdir())  # noqa: E731
+    assert files(runs[0]) == files(ref_run)
+    assert runs[0].config() == ref_run.config()
+    assert sorted(runs[0].summary()) == sorted(ref_run.summary())
+    for table in ("metrics", "episodes", "evals"):
+        assert list(runs[0].table(table).columns) == list(ref_run.table(table).columns)
+        assert list(runs[0].table(table).dtypes) == list(ref_run.table(table).dtypes)
+    long = load_experiment(exp)
+    assert sorted(long["seed"].unique()) == [0, 1, 2]
+
+
+def test_one_diverging_seed_is_recorded_failed_and_the_others_finish(tmp_path, monkeypatch):
+    original = StackedActorCritic.from_models.__func__
+
+    def poisoned(cls, models, cfg, device="cpu"):
+        nets = original(cls, models, cfg, device)
+        with torch.no_grad():
+            nets.critic_w[0][1].fill_(math.nan)  # seed index 1 only
+        return nets
+
+    monkeypatch.setattr(StackedActorCritic, "from_models", classmethod(poisoned))
+    cfgs = [build_run_config("klpen-fixed", "Hopper", s, frames=TINY_FRAMES, overrides=TINY)
+            for s in (0, 1)]
+    runs = execute_batch(cfgs, tmp_path, progress=False)
+    assert runs[0].state() == "done"
+    assert runs[1].state() == "failed"
+    assert "DivergenceError: non-finite loss at iteration 0" in runs[1].status()["error"]
+    assert math.isfinite(runs[0].summary()["final_score"])
+
+
+def test_batches_are_checked_and_unsupported_configs_named():
+    a = build_run_config("clip", "Hopper", 0)
+    with pytest.raises(ValueError, match="loss"):
+        check_batch([a, build_run_config("clip", "Hopper", 1, overrides={"clip_epsilon": 0.1})])
+    with pytest.raises(ValueError, match="distinct"):
+        check_batch([a, a])
+    assert batch_unsupported_reason(a) is None
+    shared = build_run_config("clip", "Hopper", 0, overrides={"model.trunk": "shared"})
+    assert "model.trunk=shared" in batch_unsupported_reason(shared)
+    cfg = build_run_config("nan-clip", "Hopper", 0, plugins=("tests.plugins.nan_variant",))
+    assert "loss class NaNClipLoss" in batch_unsupported_reason(cfg)
