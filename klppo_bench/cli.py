@@ -37,7 +37,16 @@ def _cmd_run(args) -> int:
     cfg = build_run_config(args.variant, args.env, args.seed, frames=args.frames,
                            device=args.device, overrides=parse_set_args(args.set),
                            plugins=tuple(args.plugin))
-    run = execute_run(cfg, Path(args.out), progress=None if not args.quiet else False)
+    from klppo_bench.harness.batched import batch_unsupported_reason, execute_batch
+
+    reason = None if args.engine == "reference" else batch_unsupported_reason(cfg)
+    if args.engine == "batched" and reason:
+        raise ConfigError(f"--engine batched: {reason}; allowed: --engine auto or reference")
+    progress = None if not args.quiet else False
+    if args.engine == "reference" or reason:
+        run = execute_run(cfg, Path(args.out), progress=progress)
+    else:
+        (run,) = execute_batch([cfg], Path(args.out), progress=progress)
     status = run.status()
     if status["state"] != "done":
         print(f"klppo-bench: run {run.run_id} failed: {status['error']}", file=sys.stderr)
@@ -88,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plugin", action="append", default=[], metavar="MODULE")
     p.add_argument("--out", default="results/adhoc",
                    help="experiment directory; the run goes to OUT/runs/<run_id>/")
+    p.add_argument("--engine", default="auto", choices=("auto", "batched", "reference"),
+                   help="auto (default): the seed-batched engine where it supports the config "
+                        "(faster), else torchrl's reference engine")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_run)
 
@@ -103,6 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--results", default="results", help="results root (default results/)")
     p.add_argument("--device", default="cpu", help="cpu | cuda | auto")
     p.add_argument("--plugin", action="append", default=[], metavar="MODULE")
+    p.add_argument("--engine", default="auto", choices=("auto", "batched", "reference"),
+                   help="batched: the seeds of one config train together in one process; "
+                        "reference: one run per process on torchrl's modules; auto (default): "
+                        "batched wherever supported")
+    p.add_argument("--seeds-per-process", type=int, default=None, metavar="N",
+                   help="cap on the seeds one batched job trains together")
     p.add_argument("--dry-run", action="store_true", help="list the runs and which are done")
     p.add_argument("--retry-failed", action="store_true", help="rerun runs recorded as failed")
     p.set_defaults(func=_cmd_sweep)
@@ -112,6 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reps", type=int, default=2000, help="bootstrap repetitions")
     p.add_argument("--random-state", type=int, default=0, help="bootstrap random state")
     p.add_argument("--baseline", default="clip", help="setting for probability of improvement")
+    p.add_argument("--random-episodes", type=int, default=100,
+                   help="episodes of the uniform-random policy per env (cached)")
+    p.add_argument("--random-seed", type=int, default=0, help="seed of the random-policy score")
+    p.add_argument("--out", default=None, help="report directory (default EXPERIMENT/report)")
     p.set_defaults(func=_cmd_report)
     return parser
 

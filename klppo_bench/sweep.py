@@ -35,6 +35,7 @@ import contextlib
 import itertools
 import os
 import re
+import signal
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -355,6 +356,9 @@ def sweep_lock(exp_dir: Path) -> Iterator[None]:
 def _check_args(args) -> None:
     if args.workers is not None and args.workers < 1:
         raise _bad("--workers", args.workers, "int >= 1")
+    spp = getattr(args, "seeds_per_process", None)
+    if spp is not None and not 1 <= spp <= MAX_SEEDS_PER_PROCESS:
+        raise _bad("--seeds-per-process", spp, f"int from 1 to {MAX_SEEDS_PER_PROCESS}")
     if args.ray_address and args.backend != "ray":
         raise ConfigError("--ray-address applies to --backend ray only; allowed: --backend ray")
     if args.backend == "ray":
@@ -384,6 +388,10 @@ def _summary(name: str, runs: list[PlannedRun], states: dict[str, str], ran: int
     return text
 
 
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main_sweep(args) -> int:
     """``klppo-bench sweep``: validate the spec, skip done runs, run the rest, summarize.
 
@@ -404,29 +412,90 @@ def main_sweep(args) -> int:
 
     if not any(needs_run(run_state(exp_dir, r.run_id), args.retry_failed) for r in runs):
         return _finish(spec.name, runs, exp_dir, ran=0)
+    # SIGTERM (a scheduler's stop, `kill`) stops the sweep like Ctrl-C: workers are ended,
+    # finished runs are kept, and the same command resumes.
+    signal.signal(signal.SIGTERM, _raise_interrupt)
     with sweep_lock(exp_dir):
         from klppo_bench.store import atomic_write_bytes
 
         todo = [r for r in runs if needs_run(run_state(exp_dir, r.run_id), args.retry_failed)]
         atomic_write_bytes(exp_dir / "spec.yaml",
                            yaml.safe_dump(spec.resolved(), sort_keys=False).encode())
-        _execute(todo, exp_dir, args)
+        _execute(runs, todo, exp_dir, args)
     return _finish(spec.name, runs, exp_dir, ran=len(todo))
 
 
-def _execute(todo: list[PlannedRun], exp_dir: Path, args) -> None:
+ENGINES = ("auto", "batched", "reference")
+MAX_SEEDS_PER_PROCESS = 32
+
+
+def plan_jobs(todo: list[PlannedRun], engine: str = "auto", seeds_per_process: int | None = None,
+              workers: int = 1) -> list[list[dict]]:
+    """Group runs into jobs: the seeds of one configuration train together where possible.
+
+    ``engine``: ``reference`` -- one run per job on the torchrl engine; ``batched`` -- every
+    run on the seed-batched engine (an error for a config it cannot batch); ``auto`` -- the
+    batched engine wherever it supports the config (it is faster even for one seed: see
+    README), else the reference engine. Runs that differ only by seed form a group; a group
+    is split evenly into jobs of at most ``seeds_per_process`` seeds, by default the largest
+    size that still gives every worker a job (at most 32).
+    """
+    from klppo_bench.harness.batched import batch_unsupported_reason
+
+    if engine not in ENGINES:
+        raise ConfigError(f"--engine {engine!r}: allowed: {', '.join(ENGINES)}")
+    groups: dict[str, list[PlannedRun]] = {}
+    single: list[PlannedRun] = []
+    for run in todo:
+        reason = None if engine == "reference" else batch_unsupported_reason(run.config)
+        if engine == "batched" and reason:
+            raise ConfigError(f"--engine batched: {run.setting} on {run.config.env}: {reason}; "
+                              "allowed: --engine auto or reference")
+        if engine == "reference" or reason:
+            single.append(run)
+            continue
+        key = dict(run.config.to_dict(), seed=None)
+        groups.setdefault(repr(sorted(key.items())) + run.setting, []).append(run)
+    sizes = [len(g) for g in groups.values()]
+    size = seeds_per_process
+    if size is None:
+        size = 1
+        for n in range(min(max(sizes, default=1), MAX_SEEDS_PER_PROCESS), 0, -1):
+            if sum(-(-g // n) for g in sizes) + len(single) >= workers:
+                size = n
+                break
+    jobs = []
+    for group in groups.values():  # ceil(g / size) jobs whose sizes differ by at most one
+        k = -(-len(group) // size)
+        bounds = [len(group) * i // k for i in range(k + 1)]
+        jobs += [[dict(r.job_entry(), engine="batched", run_id=r.run_id)
+                  for r in group[a:b]] for a, b in zip(bounds, bounds[1:])]
+    return jobs + [[dict(r.job_entry(), engine="reference", run_id=r.run_id)] for r in single]
+
+
+def _execute(runs: list[PlannedRun], todo: list[PlannedRun], exp_dir: Path, args) -> None:
     from klppo_bench.backends import default_workers, make_backend
     from klppo_bench.backends.progress import SweepProgress
 
-    workers = min(args.workers or default_workers(), len(todo))
+    # Jobs are planned over the whole spec, then emptied of finished runs: a batched job
+    # writes its seeds together, so a resumed job has the seeds of the interrupted one and
+    # trains them with the same bits (the batch size S changes float rounding).
+    todo_ids = {r.run_id for r in todo}
+    jobs = [[e for e in job if e["run_id"] in todo_ids]
+            for job in plan_jobs(runs, getattr(args, "engine", "auto"),
+                                 getattr(args, "seeds_per_process", None),
+                                 args.workers or default_workers())]
+    jobs = [job for job in jobs if job]
+    workers = min(args.workers or default_workers(), len(jobs))
     progress = SweepProgress(todo, workers)
     backend = make_backend(args.backend, exp_dir.resolve(), workers=workers,
                            ray_address=args.ray_address,
                            on_event=progress.on_event if progress.live else None)
-    progress.start(f"{args.backend} backend, {workers} worker{'s' * (workers > 1)}")
+    batched = sum(len(j) for j in jobs if j[0]["engine"] == "batched")
+    progress.start(f"{args.backend} backend, {workers} worker{'s' * (workers > 1)}, "
+                   f"{len(jobs)} jobs ({batched} of {len(todo)} runs seed-batched)")
     try:
-        # Today one run per job; a seed-batched engine will put several seeds in one job.
-        for status in backend.run([[r.job_entry()] for r in todo]):
+        for status in backend.run(jobs):
             progress.on_status(status)
     except KeyboardInterrupt:
         progress.close()

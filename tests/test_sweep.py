@@ -183,3 +183,31 @@ def test_dry_run_lists_runs_and_writes_nothing(tmp_path, capsys):
     assert out.count(" missing ") == len(runs)
     assert "4 runs" in out and "4 to run" in out
     assert not results.exists()
+
+
+def test_jobs_batch_the_seeds_of_one_config():
+    from klppo_bench.sweep import plan_jobs
+
+    runs = spec_runs("smoke", seeds=5)  # 2 settings x 5 seeds
+    jobs = plan_jobs(runs, "auto", None, workers=2)
+    assert [len(j) for j in jobs] == [5, 5]  # the largest batches that still feed 2 workers
+    for job in jobs:
+        assert {e["engine"] for e in job} == {"batched"}
+        assert len({e["setting"] for e in job}) == 1
+        assert sorted(e["config"]["seed"] for e in job) == [0, 1, 2, 3, 4]
+    assert [len(j) for j in plan_jobs(runs, "auto", None, workers=4)] == [2, 3, 2, 3]
+    assert [len(j) for j in plan_jobs(runs, "auto", 2, workers=1)] == [1, 2, 2, 1, 2, 2]
+    reference = plan_jobs(runs, "reference", None, workers=2)
+    assert len(reference) == 10 and {j[0]["engine"] for j in reference} == {"reference"}
+
+
+def test_unbatchable_configs_fall_back_or_fail_clearly(tmp_path):
+    from klppo_bench.sweep import plan_jobs
+
+    spec = tmp_path / "shared.yaml"
+    spec.write_text("name: shared\nenvs: [Hopper]\nseeds: 2\nframes: 512\n"
+                    "variants: [{name: clip}]\nmodel: {trunk: shared}\ntrain: {steps_per_iter: 256}\n")
+    runs = expand(load_spec(spec))
+    assert {j[0]["engine"] for j in plan_jobs(runs, "auto", None, 2)} == {"reference"}
+    with pytest.raises(ConfigError, match="--engine batched: clip on Hopper-v5: .*allowed"):
+        plan_jobs(runs, "batched", None, 2)

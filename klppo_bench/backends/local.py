@@ -28,8 +28,31 @@ from klppo_bench.backends.worker import record_lost, run_status
 _THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
 
-def _worker_main(job: list[dict], exp_dir: str, conn) -> None:
+def _exit_when_orphaned(sweep_pid: int, period: float = 2.0) -> None:
+    """End this worker if the sweep that started it is gone (killed with SIGKILL, say).
+
+    Workers are children of the forkserver, not of the sweep, so they would otherwise run
+    on as orphans and a re-run of the sweep would train the same runs twice at once. The
+    runs they leave ``running`` are restarted by the next sweep.
+    """
+    import threading
+    import time
+
+    def watch() -> None:
+        while True:
+            time.sleep(period)
+            try:
+                os.kill(sweep_pid, 0)
+            except ProcessLookupError:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, daemon=True, name="orphan-watch").start()
+
+
+def _worker_main(job: list[dict], exp_dir: str, conn, sweep_pid: int) -> None:
     from klppo_bench.backends.worker import execute_job
+
+    _exit_when_orphaned(sweep_pid)
 
     def send(event: dict) -> None:
         if conn is not None:
@@ -84,7 +107,8 @@ class LocalBackend:
                     if self.on_event is not None:
                         reader, writer = ctx.Pipe(duplex=False)
                     # Not daemonic: a job may start processes of its own (vector envs).
-                    proc = ctx.Process(target=_worker_main, args=(job, self.exp_dir, writer))
+                    proc = ctx.Process(target=_worker_main,
+                                       args=(job, self.exp_dir, writer, os.getpid()))
                     proc.start()
                     if writer is not None:
                         writer.close()  # the child holds the only writer: EOF when it ends

@@ -26,24 +26,34 @@ def run_status(exp_dir: Path | str, entry: dict) -> dict:
 
 def execute_job(job: list[dict], exp_dir: Path | str,
                 on_event: Callable[[dict], None] | None = None) -> list[dict]:
-    """Run each entry of ``job`` in order into ``exp_dir``; return one status per run.
+    """Run ``job`` into ``exp_dir``; return one status per run.
 
-    A run that fails is recorded as failed by :func:`execute_run` and the job goes on.
+    Entries whose ``engine`` is ``batched`` are the seeds of one configuration and train
+    together (:func:`klppo_bench.harness.batched.execute_batch`); any other job runs its
+    entries one by one on the torchrl reference engine. A run that fails is recorded as
+    failed and the job goes on.
     """
-    statuses = []
-    for entry in job:
-        cfg = RunConfig.from_dict(entry["config"])
-        run_id = cfg.run_id()
-        hook = None
-        if on_event is not None:
-            on_event({"event": "start", "run_id": run_id, "frames": 0})
+    cfgs = [RunConfig.from_dict(entry["config"]) for entry in job]
+    if on_event is not None:
+        for cfg in cfgs:
+            on_event({"event": "start", "run_id": cfg.run_id(), "frames": 0})
 
-            def hook(row: dict, run_id: str = run_id) -> None:
-                on_event({"event": "iteration", "run_id": run_id, "frames": row["frames"],
-                          "episode_return": row["episode_return"]})
-        execute_run(cfg, exp_dir, progress=False, setting=entry["setting"], on_iteration=hook)
-        statuses.append(run_status(exp_dir, entry))
-    return statuses
+    def hook(cfg: RunConfig, row: dict) -> None:
+        on_event({"event": "iteration", "run_id": cfg.run_id(), "frames": row["frames"],
+                  "episode_return": row["episode_return"]})
+
+    if all(entry.get("engine") == "batched" for entry in job):
+        from klppo_bench.harness.batched import execute_batch
+
+        execute_batch(cfgs, exp_dir, progress=False,
+                      settings=[entry["setting"] for entry in job],
+                      on_iteration=hook if on_event is not None else None)
+    else:
+        for cfg, entry in zip(cfgs, job):
+            execute_run(cfg, exp_dir, progress=False, setting=entry["setting"],
+                        on_iteration=(lambda row, cfg=cfg: hook(cfg, row))
+                        if on_event is not None else None)
+    return [run_status(exp_dir, entry) for entry in job]
 
 
 def record_lost(job: list[dict], exp_dir: Path | str, reason: str) -> list[dict]:

@@ -423,13 +423,16 @@ def execute_batch(cfgs: list[RunConfig], exp_dir: Path | str, progress: bool | N
         if raise_errors:
             raise
         return runs
+    # `seconds` is each seed's share of the process time, so wall-clock cost per run compares
+    # across engines; the whole batch's time is kept as `batch_seconds`.
+    batch_seconds = time.time() - t0
+    timing = {"seconds": batch_seconds / len(batch), "batch_seconds": batch_seconds}
     for i, result in zip(todo, results):
         if isinstance(result, Exception):
-            runs[i].fail(f"{type(result).__name__}: {result}", traceback=None,
-                         seconds=time.time() - t0)
+            runs[i].fail(f"{type(result).__name__}: {result}", traceback=None, **timing)
         else:
             runs[i].finish({"metrics": result.metrics, "episodes": result.episodes,
-                            "evals": result.evals}, result.summary, seconds=time.time() - t0)
+                            "evals": result.evals}, result.summary, **timing)
     if raise_errors:
         failures = [r for r in results if isinstance(r, Exception)]
         if failures:

@@ -26,7 +26,8 @@ def execute_run(cfg: RunConfig, exp_dir: Path | str, progress: bool | None = Non
     """
     torch.set_num_threads(1)  # one thread per run: faster on a shared machine, and it fixes the bits
     run = RunDir(Path(exp_dir) / "runs" / cfg.run_id())
-    run.start(cfg.to_dict(), setting=setting, provenance=provenance(cfg.device))
+    run.start(cfg.to_dict(), setting=setting,
+              provenance=dict(provenance(cfg.device), engine="reference"))
     t0 = time.time()
     try:
         result = train(cfg, progress=progress, on_iteration=on_iteration)

@@ -99,9 +99,10 @@ def render(rep) -> str:
     opts = rep.options
     frames = sorted(rep.runs.frames.dropna().unique())
     out = [f"# Report: {rep.exp_dir.name}", ""]
+    frames = ", ".join(f"{int(f):,}" for f in frames)
     out.append(f"Experiment `{rep.exp_dir}`: {len(rep.runs)} finished runs, "
                f"{len(rep.settings)} settings x {len(rep.envs)} environment(s) "
-               f"({', '.join(rep.envs)}), {', '.join(f'{int(f):,}' for f in frames)} frames per run.")
+               f"({', '.join(rep.envs)}), {frames} frames per run.")
     out.append("")
     out.append(
         "**Score.** A run's final score is the mean return of its last 100 training episodes "
@@ -130,6 +131,8 @@ def render(rep) -> str:
     if "table1" in rep.tables:
         out += ["## Average normalized score per setting (Table 1 style)", "", rep.tables["table1"]]
     out += ["## Final score per environment", "", rep.tables["env_setting"]]
+    if "dtarg_increment" in rep.tables:
+        out += ["## dtarg x increment grid", "", rep.tables["dtarg_increment"]]
     if "aggregate_reference" in rep.tables:
         out += ["## Aggregate (reference normalized)", "", rep.tables["aggregate_reference"]]
     out += ["## Figures", ""]

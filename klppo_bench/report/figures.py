@@ -11,7 +11,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import seaborn as sns
-from matplotlib.ticker import EngFormatter, FuncFormatter, NullFormatter
+from matplotlib.ticker import EngFormatter, FuncFormatter, LogLocator, NullFormatter
 from rliable import plot_utils
 
 from klppo_bench.report.style import COLUMN_WIDTH, DOUBLE_WIDTH, Style
@@ -22,8 +22,15 @@ PAIR_SEP = "\x1f"  # setting names may contain commas; rliable splits pairs on t
 
 
 def _plain_log_axis(ax) -> None:
-    """Log-scaled y with plain numbers (0.5, 1, 2) instead of powers of ten."""
+    """Log-scaled y with plain numbers (0.5, 1, 2, 5) instead of powers of ten; linear when
+    the data span less than a factor of 3 (a log axis would show no labelled tick)."""
+    low, high = ax.dataLim.y0, ax.dataLim.y1
+    if not (low > 0 and high / low >= 3):
+        return
+    decades = np.log10(high / low)
+    subs = (1.0, 2.0, 5.0) if decades <= 1.5 else (1.0, 3.0) if decades <= 3 else (1.0,)
     ax.set_yscale("log")
+    ax.yaxis.set_major_locator(LogLocator(base=10, subs=subs))
     ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     ax.yaxis.set_minor_formatter(NullFormatter())
 
@@ -33,12 +40,15 @@ def _frames_axis(ax, label: str = "environment frames") -> None:
     ax.set_xlabel(label)
 
 
-def _legend_below(fig, ax, settings: list[str], styles: Mapping[str, Style]) -> None:
+def _legend_below(fig, settings: list[str], styles: Mapping[str, Style]) -> None:
+    """One legend under the whole figure (after laying it out, so it never covers a label)."""
     handles = [plt.Line2D([], [], color=styles[s].color, linestyle=styles[s].linestyle,
                           label=s) for s in settings]
-    ncol = 2 if max(len(s) for s in settings) > 18 else 3
-    ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.28), ncol=ncol,
-              handlelength=2.2, columnspacing=1.0)
+    longest = max(len(s) for s in settings)
+    ncol = 1 if longest > 30 else 2 if longest > 18 else 3  # stay within the column width
+    fig.tight_layout(pad=0.3)
+    fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=ncol,
+               handlelength=2.2, columnspacing=1.0)
 
 
 def _tidy_rliable_axes(ax) -> None:
@@ -67,7 +77,7 @@ def learning_curves(grid, estimates: Mapping[str, Estimate], styles: Mapping[str
     ax.set_title(title)
     ax.set_ylabel(ylabel)
     _frames_axis(ax)
-    _legend_below(fig, ax, list(estimates), styles)
+    _legend_below(fig, list(estimates), styles)
     return fig
 
 
@@ -96,7 +106,7 @@ def aggregate_intervals(table: pd.DataFrame, settings: list[str],
     # room below the axes for the tick labels, then the x-label under them
     height = 0.3 * len(settings) + 0.75
     fig.set_size_inches(DOUBLE_WIDTH, height)
-    fig.subplots_adjust(bottom=0.42 / height, top=1 - 0.25 / height, wspace=0.12)
+    fig.subplots_adjust(bottom=0.42 / height, top=1 - 0.25 / height, wspace=0.25)
     fig.supxlabel(xlabel, fontsize=8, y=0.02 / height, va="bottom")
     return fig
 
@@ -115,7 +125,7 @@ def performance_profiles(taus, profiles: Mapping[str, Estimate], styles: Mapping
     for line in ax.get_lines():  # rliable pops its linewidth kwarg once, inside its loop
         line.set_linewidth(plt.rcParams["lines.linewidth"])
     _tidy_rliable_axes(ax)
-    _legend_below(fig, ax, list(profiles), styles)
+    _legend_below(fig, list(profiles), styles)
     return fig
 
 
@@ -171,7 +181,7 @@ def sample_efficiency(grid, estimates: Mapping[str, Estimate], styles: Mapping[s
         line.set_linestyle(styles[s].linestyle)
     _tidy_rliable_axes(ax)
     ax.xaxis.set_major_formatter(EngFormatter(sep=""))
-    _legend_below(fig, ax, settings, styles)
+    _legend_below(fig, settings, styles)
     return fig
 
 
@@ -184,6 +194,7 @@ def kl_diagnostics(grid, ratio: Mapping[str, Estimate], beta: Mapping[str, Estim
     band_plot(top, grid, ratio, styles)
     for y, ls in ((1.0, "-"), (1.5, ":"), (1 / 1.5, ":")):
         top.axhline(y, color="0.3", linewidth=0.8, linestyle=ls, zorder=0)
+    top.update_datalim([(grid[0], 1.5), (grid[0], 1 / 1.5)])
     _plain_log_axis(top)
     top.set_ylabel("KL / dtarg")
     top.set_title(title)
@@ -192,7 +203,7 @@ def kl_diagnostics(grid, ratio: Mapping[str, Estimate], beta: Mapping[str, Estim
     bottom.set_ylabel(r"$\beta$ (geometric mean)")
     _frames_axis(bottom)
     settings = list(dict.fromkeys(list(ratio) + list(beta)))
-    _legend_below(fig, bottom, settings, styles)
+    _legend_below(fig, settings, styles)
     return fig
 
 
@@ -217,7 +228,7 @@ def mc_kl(grid, analytic: Mapping[str, Estimate], monte_carlo: Mapping[str, Esti
     band_plot(bottom, grid, spread, styles)
     bottom.set_ylabel("MC estimate noise (std)")
     _frames_axis(bottom)
-    _legend_below(fig, bottom, list(monte_carlo), styles)
+    _legend_below(fig, list(monte_carlo), styles)
     return fig
 
 
@@ -228,7 +239,8 @@ def sensitivity_lines(cells: pd.DataFrame, ylabel: str) -> plt.Figure:
     palette = sns.color_palette("colorblind", max(3, len(increments)))
     for k, inc in enumerate(increments):
         c = cells[cells.increment == inc].sort_values("dtarg")
-        ax.errorbar(c.dtarg, c.value, yerr=[c.value - c.ci_low, c.ci_high - c.value],
+        dodge = 1 + 0.04 * (k - (len(increments) - 1) / 2)  # keep error bars apart
+        ax.errorbar(c.dtarg * dodge, c.value, yerr=[c.value - c.ci_low, c.ci_high - c.value],
                     color=palette[k], marker="o", markersize=3, capsize=2, linewidth=1.2,
                     label=f"increment {inc:g}")
     ax.set_xscale("log")
@@ -245,7 +257,8 @@ def sensitivity_heatmap(cells: pd.DataFrame, label: str) -> plt.Figure:
     """The dtarg x increment grid as a heatmap of the mean final score."""
     m = cells.pivot(index="increment", columns="dtarg", values="value").sort_index(ascending=False)
     fig, ax = plt.subplots(figsize=(COLUMN_WIDTH, 0.45 * len(m) + 1.0))
-    sns.heatmap(m, ax=ax, annot=True, fmt=".3g", cmap="viridis", annot_kws={"size": 7},
+    fmt = ".0f" if np.nanmax(np.abs(m.to_numpy())) >= 100 else ".2f"
+    sns.heatmap(m, ax=ax, annot=True, fmt=fmt, cmap="viridis", annot_kws={"size": 7},
                 cbar_kws={"label": label}, linewidths=0.5, linecolor="white")
     ax.set_xticklabels([f"{float(t.get_text()):g}" for t in ax.get_xticklabels()])
     ax.set_yticklabels([f"{float(t.get_text()):g}" for t in ax.get_yticklabels()], rotation=0)

@@ -46,7 +46,8 @@ def _point(cell):
 
 def _best_mask(cells: pd.DataFrame, best: Mapping[str, str], group: str | None):
     mask = pd.DataFrame(False, index=cells.index, columns=cells.columns)
-    groups = [cells.index] if group is None else [g.index for _, g in cells.groupby(group, sort=False)]
+    groups = [cells.index] if group is None else \
+        [g.index for _, g in cells.groupby(group, sort=False)]
     for col, rule in best.items():
         for idx in groups:
             values = pd.Series([_point(c) for c in cells.loc[idx, col]], index=idx, dtype=float)
@@ -63,7 +64,7 @@ def _cell_md(cell, bold: bool) -> str:
         d = decimals(p)
         text = fmt(p, d)
         return (f"**{text}**" if bold else text) + f" [{fmt(lo, d)}, {fmt(hi, d)}]"
-    text = fmt(cell) if isinstance(cell, float) else str(cell)
+    text = fmt(cell) if isinstance(cell, float) else str(cell).replace("|", "\\|")
     return f"**{text}**" if bold and text != "--" else text
 
 

@@ -63,10 +63,6 @@ def pack(tasks: ScoreSet) -> np.ndarray | list[np.ndarray]:
     return [a[:, None] for a in arrays]
 
 
-def is_matrix(data) -> bool:
-    return isinstance(data, np.ndarray)
-
-
 def _task_columns(args: Sequence[np.ndarray]) -> list[np.ndarray]:
     """Per-task run arrays from either form (one matrix, or one array per task)."""
     if len(args) == 1:
@@ -89,24 +85,28 @@ def weighted_iqm(columns: Sequence[np.ndarray]) -> float:
 
 
 def iqm(*args) -> float:
+    """rliable's IQM of one matrix; the task-weighted IQM of one array per task."""
     if len(args) == 1:
         return metrics.aggregate_iqm(args[0])
     return weighted_iqm(_task_columns(args))
 
 
 def mean(*args) -> float:
+    """Mean over tasks of the per-task mean score (rliable's ``aggregate_mean``)."""
     if len(args) == 1:
         return metrics.aggregate_mean(args[0])
     return float(np.mean([np.mean(c) for c in _task_columns(args)]))
 
 
 def median(*args) -> float:
+    """Median over tasks of the per-task mean score (rliable's ``aggregate_median``)."""
     if len(args) == 1:
         return metrics.aggregate_median(args[0])
     return float(np.median([np.mean(c) for c in _task_columns(args)]))
 
 
 def optimality_gap(*args, gamma: float = 1.0) -> float:
+    """How far scores fall short of ``gamma`` (rliable's ``aggregate_optimality_gap``)."""
     if len(args) == 1:
         return metrics.aggregate_optimality_gap(args[0], gamma)
     return float(gamma - np.mean([np.mean(np.minimum(c, gamma)) for c in _task_columns(args)]))
@@ -115,10 +115,6 @@ def optimality_gap(*args, gamma: float = 1.0) -> float:
 def aggregate_func(*args) -> np.ndarray:
     """IQM, mean, median and optimality gap (in :data:`METRICS` order) of one setting."""
     return np.array([iqm(*args), mean(*args), median(*args), optimality_gap(*args)])
-
-
-def _call(data, func):
-    return func(data) if is_matrix(data) else func(*data)
 
 
 def interval_estimate(data, func: Callable, reps: int, random_state: int):
@@ -162,17 +158,31 @@ def aggregate_table(score_sets: Mapping[str, ScoreSet], reps: int,
     return pd.DataFrame(rows)
 
 
+def _poi_task(x: np.ndarray, y: np.ndarray) -> float:
+    """P(x > y) + P(x = y) / 2 over all pairs of runs: the Mann-Whitney U statistic divided by
+    ``len(x) * len(y)``, which is what rliable computes per task with scipy (identical arrays
+    give 0.5 either way), without scipy's per-call overhead (~3 ms, paid reps x tasks times)."""
+    diff = x[:, None] - y[None, :]
+    return float(np.mean(diff > 0) + 0.5 * np.mean(diff == 0))
+
+
+def poi(scores_x: np.ndarray, scores_y: np.ndarray) -> float:
+    """``rliable.metrics.probability_of_improvement`` on ``(runs x tasks)`` matrices, vectorized
+    (tests check it equals rliable's)."""
+    return float(np.mean([_poi_task(scores_x[:, j], scores_y[:, j])
+                          for j in range(scores_x.shape[1])]))
+
+
 def _poi_per_task(x_cols, y_cols) -> float:
-    return float(np.mean([metrics.probability_of_improvement(x[:, None], y[:, None])
-                          for x, y in zip(x_cols, y_cols)]))
+    return float(np.mean([_poi_task(x, y) for x, y in zip(x_cols, y_cols)]))
 
 
 def probability_of_improvement(x: ScoreSet, y: ScoreSet, reps: int, random_state: int):
     """P(X > Y) averaged over the tasks both settings have, with its 95% CI.
 
-    Equal run counts within each setting: rliable's ``metrics.probability_of_improvement`` on
-    the two matrices (resampled independently). Otherwise one array per task and setting, the
-    same per-task Mann-Whitney statistic, averaged over tasks.
+    Equal run counts within each setting: rliable's ``metrics.probability_of_improvement``
+    (as :func:`poi`) on the two matrices (resampled independently). Otherwise one array per
+    task and setting, the same per-task Mann-Whitney statistic, averaged over tasks.
 
     Returns ``(point, low, high, tasks)``.
     """
@@ -182,7 +192,7 @@ def probability_of_improvement(x: ScoreSet, y: ScoreSet, reps: int, random_state
     xs, ys = {t: x[t] for t in tasks}, {t: y[t] for t in tasks}
     if _equal_counts(xs) and _equal_counts(ys):
         data = [pack(xs), pack(ys)]
-        func = metrics.probability_of_improvement
+        func = poi
     else:
         data = [np.asarray(xs[t], float)[:, None] for t in tasks] + \
                [np.asarray(ys[t], float)[:, None] for t in tasks]

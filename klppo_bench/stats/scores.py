@@ -76,7 +76,8 @@ def collect_runs(exp_dir: Path | str) -> tuple[pd.DataFrame, pd.DataFrame]:
             "wall_seconds": as_float(status.get("seconds", summary.get("wall_seconds"))),
             "sps": as_float(summary.get("sps")),
         })
-    done = pd.DataFrame(rows, columns=RUN_COLUMNS)
+    done = pd.DataFrame(rows, columns=RUN_COLUMNS).astype(
+        {c: float for c in ("final_score", "final_eval_return", "wall_seconds", "sps")})
     done = done.sort_values(["setting", "env", "seed"], kind="stable").reset_index(drop=True)
     not_done = index[index.state != "done"].drop(columns=["path"]).reset_index(drop=True)
     return done, not_done

@@ -1,0 +1,171 @@
+"""The report end to end: a tiny real experiment (torchrl training through ``execute_run``)
+and a store-made grid experiment; every table and figure is written, each PDF embeds
+TrueType fonts, each PNG shows something, and failed runs and fewer seeds are reported."""
+
+from __future__ import annotations
+
+import json
+
+import matplotlib.image
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+from pypdf import PdfReader
+
+from klppo_bench.cli import main
+from klppo_bench.config import build_run_config
+from klppo_bench.harness.run import execute_run
+from klppo_bench.stats.random_policy import CACHE_NAME, cache_key
+from klppo_bench.store import RunDir
+
+TINY = {"train.steps_per_iter": 256, "train.epochs": 1, "eval.every": 0, "eval.episodes": 1}
+RANDOM_EPISODES = 5
+
+
+@pytest.fixture(scope="session")
+def tiny_experiment(tmp_path_factory):
+    """clip x 3 seeds, klpen-adaptive-mc x 2 seeds (one fewer), and one failed run."""
+    exp = tmp_path_factory.mktemp("results") / "tiny"
+    for variant, seeds in (("clip", 3), ("klpen-adaptive-mc", 2)):
+        for seed in range(seeds):
+            cfg = build_run_config(variant, "Hopper", seed, frames=512, overrides=TINY)
+            assert execute_run(cfg, exp, progress=False, setting=variant).state() == "done"
+    failed = RunDir(exp / "runs" / "klpen-adaptive-mc-Hopperv5-s2-failed")
+    failed.start({"variant": "klpen-adaptive-mc", "env": "Hopper-v5", "seed": 2, "loss": {}},
+                 setting="klpen-adaptive-mc")
+    failed.fail("DivergenceError: non-finite loss at iteration 1 (frames 512)")
+    return exp
+
+
+def _report(exp, *extra):
+    return main(["report", str(exp), "--reps", "60", "--random-state", "3",
+                 "--random-episodes", str(RANDOM_EPISODES), *extra])
+
+
+def pdf_font_subtypes(path) -> set[str]:
+    """Font types of every font a PDF uses: a Type 42 font as matplotlib embeds it (Type0
+    whose descendant is CIDFontType2 with a FontFile2, i.e. TrueType outlines) counts as
+    TrueType; Type 3 is what ``pdf.fonttype 42`` must avoid."""
+    kinds = set()
+    for page in PdfReader(str(path)).pages:
+        for ref in page["/Resources"].get("/Font", {}).values():
+            font = ref.get_object()
+            subtype = font["/Subtype"]
+            if subtype == "/Type0":
+                desc = font["/DescendantFonts"][0].get_object()
+                has_ttf = "/FontFile2" in desc["/FontDescriptor"].get_object()
+                subtype = "/TrueType" if desc["/Subtype"] == "/CIDFontType2" and has_ttf \
+                    else f"/Type0:{desc['/Subtype']}"
+            kinds.add(str(subtype))
+    return kinds
+
+
+def check_figures(report_dir, names):
+    for name in names:
+        pdf, png = report_dir / "figures" / f"{name}.pdf", report_dir / "figures" / f"{name}.png"
+        assert pdf.is_file() and png.is_file(), name
+        assert pdf_font_subtypes(pdf) == {"/TrueType"}, (name, pdf_font_subtypes(pdf))
+        image = matplotlib.image.imread(png)
+        assert image.ndim == 3 and float(image[..., :3].std()) > 0.01, name  # not blank
+        assert Image.open(png).info["dpi"] == pytest.approx((300, 300), abs=0.01), name
+
+
+def test_tiny_experiment_report(tiny_experiment):
+    assert _report(tiny_experiment) == 0
+    out = tiny_experiment / "report"
+    for table in ("aggregate", "aggregate_raw", "aggregate_reference", "env_setting"):
+        for ext in ("md", "tex", "csv"):
+            assert (out / "tables" / f"{table}.{ext}").is_file(), (table, ext)
+    check_figures(out, ["learning_curves_Hopper-v5", "aggregate_intervals",
+                        "performance_profiles", "poi_vs_baseline", "poi_pairwise",
+                        "sample_efficiency", "kl_diagnostics_Hopper-v5",
+                        "mc_vs_analytic_kl_Hopper-v5", "wall_clock"])
+
+    scores = pd.read_csv(out / "scores.csv")
+    assert len(scores) == 5 and scores.run_id.is_unique
+    assert scores.groupby("setting").size().to_dict() == {"clip": 3, "klpen-adaptive-mc": 2}
+    assert np.isfinite(scores[["final_score", "score_minmax", "score_reference"]]).all().all()
+    aggregates = pd.read_csv(out / "aggregates.csv")
+    assert (aggregates.reps == 60).all() and (aggregates.random_state == 3).all()
+    assert {"aggregate", "poi_vs_baseline", "poi_pairwise", "env_setting", "wall_clock"} <= \
+        set(aggregates.kind)
+    mc = aggregates[(aggregates.kind == "aggregate") & (aggregates.setting == "klpen-adaptive-mc")]
+    assert (mc.n_runs == 2).all()                                # the fewer seeds, all kept
+    assert (aggregates.ci_low <= aggregates.value + 1e-12).all()
+    assert (aggregates.value <= aggregates.ci_high + 1e-12).all()
+
+    tex = (out / "tables" / "aggregate.tex").read_text()
+    assert "\\toprule" in tex and "\\bottomrule" in tex and "\\mathbf{" in tex
+    md = (out / "report.md").read_text()
+    assert "klpen-adaptive-mc-Hopperv5-s2-failed" in md and "DivergenceError" in md
+    assert "60 repetitions, random state 3" in md and "rliable 1.2.0" in md
+    assert "Settings have different numbers of runs" in md
+    assert "dtarg x increment" in md                            # skipped, and said so
+    for figure in ("learning_curves_Hopper-v5", "kl_diagnostics_Hopper-v5"):
+        assert f"figures/{figure}.png" in md
+    cache = json.loads((tiny_experiment.parent / ".cache" / CACHE_NAME).read_text())
+    assert cache_key("Hopper-v5", RANDOM_EPISODES, 0) in cache
+
+    # the same inputs give the same numbers
+    first = aggregates.value.to_numpy()
+    assert _report(tiny_experiment) == 0
+    np.testing.assert_array_equal(pd.read_csv(out / "aggregates.csv").value.to_numpy(), first)
+
+
+def _store_run(exp, setting, variant, env, seed, loss, level):
+    rng = np.random.default_rng([seed, int(level)])
+    frames = np.arange(1, 11) * 256
+    ret = level * frames / frames[-1] + rng.normal(0, 5, 10)
+    kl = np.abs(rng.normal(loss.get("dtarg", 0.01), 0.003, 10))
+    m = pd.DataFrame({"frames": frames, "episode_return": ret, "kl_batch": kl,
+                      "kl_estimate": kl, "kl_estimate_err_std": 0.0,
+                      "beta": np.exp(rng.normal(0, 0.3, 10)) if "dtarg" in loss else np.nan})
+    run = RunDir(exp / "runs" / f"{setting}-{env}-s{seed}".replace("=", "").replace(",", "-"))
+    run.start({"variant": variant, "env": env, "seed": seed, "loss": loss}, setting=setting)
+    run.finish({"metrics": m}, {"final_score": float(ret[-3:].mean()),
+                                "final_eval_return": float(ret[-1]), "frames": 2560,
+                                "sps": 100.0}, seconds=25.0 + seed)
+
+
+def test_grid_experiment_sensitivity_and_table1(tmp_path):
+    """A dtarg x increment grid over two envs, written with the store API (no training)."""
+    exp = tmp_path / "results" / "grid"
+    envs = ("Hopper-v5", "InvertedPendulum-v5")
+    for env in envs:
+        for seed in range(2):
+            _store_run(exp, "clip", "clip", env, seed, {"clip_epsilon": 0.2}, 900)
+            for dtarg in (0.003, 0.03):
+                for inc in (1.5, 2.0):
+                    loss = {"beta": 1.0, "dtarg": dtarg, "increment": inc, "decrement": 1 / inc}
+                    _store_run(exp, f"klpen-adaptive(dtarg={dtarg},increment={inc})",
+                               "klpen-adaptive", env, seed, loss, 500 + 1e4 * dtarg * inc)
+    cache = tmp_path / "results" / ".cache"
+    cache.mkdir(parents=True)
+    (cache / CACHE_NAME).write_text(json.dumps({  # pre-seeded: no measurement in this test
+        cache_key(env, RANDOM_EPISODES, 0): {"env": env, "mean": 10.0, "std": 1.0,
+                                             "episodes": RANDOM_EPISODES, "seed": 0}
+        for env in envs}))
+    assert _report(exp, "--baseline", "clip") == 0
+    out = exp / "report"
+    for table in ("table1", "aggregate", "env_setting", "dtarg_increment"):
+        assert (out / "tables" / f"{table}.tex").is_file()
+    check_figures(out, ["dtarg_increment_lines", "dtarg_increment_heatmap",
+                        "learning_curves_InvertedPendulum-v5", "kl_diagnostics_Hopper-v5"])
+    assert not (out / "figures" / "mc_vs_analytic_kl_Hopper-v5.png").exists()
+    aggregates = pd.read_csv(out / "aggregates.csv")
+    grid = aggregates[aggregates.kind == "dtarg_increment"]
+    assert len(grid) == 4 and set(grid.normalization) == {"minmax"}
+    md = (out / "report.md").read_text()
+    assert "Table 1 style" in md and "No Monte-Carlo KL setting" in md
+    assert "No shipped reference score for InvertedPendulum" not in md  # CleanRL has it
+
+
+def test_report_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys):
+    assert main(["report", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "missing" in err and "allowed" in err
+    assert not (tmp_path / "missing").exists()
+    (tmp_path / "empty" / "runs").mkdir(parents=True)
+    assert main(["report", str(tmp_path / "empty")]) == 2
+    assert not (tmp_path / "empty" / "report").exists()
