@@ -477,21 +477,22 @@ def _execute(runs: list[PlannedRun], todo: list[PlannedRun], exp_dir: Path, args
     from klppo_bench.backends import default_workers, make_backend
     from klppo_bench.backends.progress import SweepProgress
 
-    # Jobs are planned over the whole spec, then emptied of finished runs: a batched job
-    # writes its seeds together, so a resumed job has the seeds of the interrupted one and
-    # trains them with the same bits (the batch size S changes float rounding).
+    # Jobs are planned over the whole spec, so the same command always batches the same
+    # seeds together. A job with nothing to do is dropped; a partly finished one trains its
+    # whole original batch again and writes only the missing seeds, because the batch size S
+    # changes float rounding: resumed runs get the bits of an uninterrupted sweep.
     todo_ids = {r.run_id for r in todo}
-    jobs = [[e for e in job if e["run_id"] in todo_ids]
+    jobs = [[dict(e, write=e["run_id"] in todo_ids) for e in job]
             for job in plan_jobs(runs, getattr(args, "engine", "auto"),
                                  getattr(args, "seeds_per_process", None),
                                  args.workers or default_workers())]
-    jobs = [job for job in jobs if job]
+    jobs = [job for job in jobs if any(e["write"] for e in job)]
     workers = min(args.workers or default_workers(), len(jobs))
     progress = SweepProgress(todo, workers)
     backend = make_backend(args.backend, exp_dir.resolve(), workers=workers,
                            ray_address=args.ray_address,
                            on_event=progress.on_event if progress.live else None)
-    batched = sum(len(j) for j in jobs if j[0]["engine"] == "batched")
+    batched = sum(e["write"] for j in jobs if j[0]["engine"] == "batched" for e in j)
     progress.start(f"{args.backend} backend, {workers} worker{'s' * (workers > 1)}, "
                    f"{len(jobs)} jobs ({batched} of {len(todo)} runs seed-batched)")
     try:

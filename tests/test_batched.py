@@ -299,3 +299,23 @@ def test_batches_are_checked_and_unsupported_configs_named():
     assert "model.trunk=shared" in batch_unsupported_reason(shared)
     cfg = build_run_config("nan-clip", "Hopper", 0, plugins=("tests.plugins.nan_variant",))
     assert "loss class NaNClipLoss" in batch_unsupported_reason(cfg)
+
+
+def test_resumed_partial_job_retrains_its_batch_and_matches_bit_for_bit(tmp_path):
+    """The sweep resumes a partly written job with ``write=``: same batch, same bits."""
+    cfgs = [build_run_config("klpen-adaptive", "Hopper", s, frames=TINY_FRAMES, overrides=TINY)
+            for s in (0, 1)]
+    whole = execute_batch(cfgs, tmp_path / "whole", progress=False)
+    exp = tmp_path / "resumed"
+    first = execute_batch(cfgs, exp, progress=False)
+    done_at = first[0].status()["done_at"]
+    first[1].start(cfgs[1].to_dict())  # as if killed after seed 0 was written, before seed 1
+    runs = execute_batch(cfgs, exp, progress=False, write=[True, True])
+    assert runs[0].status()["done_at"] == done_at and runs[0].status()["attempts"] == 1
+    assert runs[1].status()["attempts"] == 3 and runs[1].state() == "done"
+    assert runs[1].status()["provenance"]["batch_seeds"] == [0, 1]
+    for table in ("metrics", "episodes", "evals"):
+        got, want = runs[1].table(table), whole[1].table(table)
+        timing = [c for c in TIMING if c in got.columns]
+        pd.testing.assert_frame_equal(got.drop(columns=timing), want.drop(columns=timing),
+                                      check_exact=True)

@@ -29,14 +29,16 @@ def execute_job(job: list[dict], exp_dir: Path | str,
     """Run ``job`` into ``exp_dir``; return one status per run.
 
     Entries whose ``engine`` is ``batched`` are the seeds of one configuration and train
-    together (:func:`klppo_bench.harness.batched.execute_batch`); any other job runs its
-    entries one by one on the torchrl reference engine. A run that fails is recorded as
-    failed and the job goes on.
+    together (:func:`klppo_bench.harness.batched.execute_batch`); an entry with
+    ``write: False`` is trained for the batch's sake but not written or reported. Any other
+    job runs its entries one by one on the torchrl reference engine. A run that fails is
+    recorded as failed and the job goes on.
     """
     cfgs = [RunConfig.from_dict(entry["config"]) for entry in job]
     if on_event is not None:
-        for cfg in cfgs:
-            on_event({"event": "start", "run_id": cfg.run_id(), "frames": 0})
+        for cfg, entry in zip(cfgs, job):
+            if entry.get("write", True):
+                on_event({"event": "start", "run_id": cfg.run_id(), "frames": 0})
 
     def hook(cfg: RunConfig, row: dict) -> None:
         on_event({"event": "iteration", "run_id": cfg.run_id(), "frames": row["frames"],
@@ -47,19 +49,20 @@ def execute_job(job: list[dict], exp_dir: Path | str,
 
         execute_batch(cfgs, exp_dir, progress=False,
                       settings=[entry["setting"] for entry in job],
-                      on_iteration=hook if on_event is not None else None)
+                      on_iteration=hook if on_event is not None else None,
+                      write=[entry.get("write", True) for entry in job])
     else:
         for cfg, entry in zip(cfgs, job):
             execute_run(cfg, exp_dir, progress=False, setting=entry["setting"],
                         on_iteration=(lambda row, cfg=cfg: hook(cfg, row))
                         if on_event is not None else None)
-    return [run_status(exp_dir, entry) for entry in job]
+    return [run_status(exp_dir, entry) for entry in job if entry.get("write", True)]
 
 
 def record_lost(job: list[dict], exp_dir: Path | str, reason: str) -> list[dict]:
     """Statuses for a job whose worker died: unfinished runs are recorded as failed."""
     out = []
-    for entry in job:
+    for entry in (e for e in job if e.get("write", True)):
         run = RunDir(Path(exp_dir) / "runs" / RunConfig.from_dict(entry["config"]).run_id())
         if run.state() not in ("done", "failed"):
             run.fail(reason)

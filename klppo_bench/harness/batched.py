@@ -388,36 +388,44 @@ def _clip_grad_norm_per_seed(params: list[torch.Tensor], max_norm: float, S: int
 
 def execute_batch(cfgs: list[RunConfig], exp_dir: Path | str, progress: bool | None = None,
                   settings: list[str | None] | None = None, raise_errors: bool = False,
-                  on_iteration: Callable[[RunConfig, dict], None] | None = None) -> list[RunDir]:
+                  on_iteration: Callable[[RunConfig, dict], None] | None = None,
+                  write: list[bool] | None = None) -> list[RunDir]:
     """Train the seeds of ``cfgs`` together; store each as :func:`execute_run` would.
 
     Each seed gets ``exp_dir/runs/<run_id>/`` (``RunDir.start`` / ``finish`` / ``fail``).
-    A seed whose run is already ``done`` is skipped, so a killed batched job resumes at
-    seed granularity. A seed that diverges is recorded ``failed`` and the others go on; an
-    error that ends the whole batch is recorded on every unfinished seed (re-raised only
-    when ``raise_errors``). Returns the run directories in the order of ``cfgs``.
+    A seed whose run is already ``done`` is not written again, so a killed batched job
+    resumes at seed granularity. With ``write`` (one flag per config) exactly the flagged,
+    not-done seeds are written but *every* seed is trained: the sweep uses it to resume a
+    partly finished job with its original composition, since the batch size S changes float
+    rounding. Without it, done seeds are left out of the batch. A seed that diverges is
+    recorded ``failed`` and the others go on; an error that ends the whole batch is recorded
+    on every seed being written (re-raised only when ``raise_errors``). Returns the run
+    directories in the order of ``cfgs``.
     """
     torch.set_num_threads(1)
     check_batch(cfgs)
     settings = settings or [None] * len(cfgs)
     runs = [RunDir(Path(exp_dir) / "runs" / c.run_id()) for c in cfgs]
-    todo = [i for i, run in enumerate(runs) if run.state() != "done"]
-    if not todo:
+    flags = write or [True] * len(cfgs)
+    writing = [i for i, run in enumerate(runs) if flags[i] and run.state() != "done"]
+    if not writing:
         return runs
-    batch = [cfgs[i] for i in todo]
+    trained = list(range(len(cfgs))) if write is not None else writing
+    batch = [cfgs[i] for i in trained]
     prov = provenance(cfgs[0].device)
     prov.update(engine="batched", batch_seeds=[c.seed for c in batch])
-    for i in todo:
+    for i in writing:
         runs[i].start(cfgs[i].to_dict(), setting=settings[i], provenance=prov)
     t0 = time.time()
     hook = None
     if on_iteration is not None:
         def hook(k: int, row: dict) -> None:
-            on_iteration(batch[k], row)
+            if trained[k] in writing:
+                on_iteration(batch[k], row)
     try:
         results = train_batched(batch, progress=progress, on_iteration=hook)
-    except Exception as err:  # recorded on every seed of the batch, not lost
-        for i in todo:
+    except Exception as err:  # recorded on every seed being written, not lost
+        for i in writing:
             runs[i].fail(f"{type(err).__name__}: {err}", traceback=traceback.format_exc(limit=8),
                          seconds=time.time() - t0)
         if raise_errors:
@@ -427,14 +435,16 @@ def execute_batch(cfgs: list[RunConfig], exp_dir: Path | str, progress: bool | N
     # across engines; the whole batch's time is kept as `batch_seconds`.
     batch_seconds = time.time() - t0
     timing = {"seconds": batch_seconds / len(batch), "batch_seconds": batch_seconds}
-    for i, result in zip(todo, results):
+    result_of = dict(zip(trained, results))
+    for i in writing:
+        result = result_of[i]
         if isinstance(result, Exception):
             runs[i].fail(f"{type(result).__name__}: {result}", traceback=None, **timing)
         else:
             runs[i].finish({"metrics": result.metrics, "episodes": result.episodes,
                             "evals": result.evals}, result.summary, **timing)
     if raise_errors:
-        failures = [r for r in results if isinstance(r, Exception)]
+        failures = [result_of[i] for i in writing if isinstance(result_of[i], Exception)]
         if failures:
             raise failures[0]
     return runs
