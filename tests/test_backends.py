@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from klppo_bench import cli
-from klppo_bench.store import RunDir, experiment_runs
+from klppo_bench.store import experiment_runs
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = str(ROOT / "experiments" / "smoke.yaml")

@@ -35,7 +35,6 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import pandas as pd
 import torch
 from torchrl.objectives.value.functional import vec_generalized_advantage_estimate
 
@@ -351,21 +350,8 @@ def train_batched(cfgs: list[RunConfig], progress: bool | None = None,
         if s in failed:
             out.append(failed[s])
             continue
-        metrics = pd.DataFrame(rows[s])
-        episodes_df = pd.DataFrame(episodes[s], columns=["frames", "return", "length"])
-        evals_df = pd.DataFrame(evals[s], columns=["frames", "episode", "return", "length"])
-        window = episodes_df["return"].tail(cfg.eval.final_window)
-        out.append(RunResult(metrics, episodes_df, evals_df, {
-            "final_score": float(window.mean()) if len(window) else math.nan,
-            "final_score_episodes": int(len(window)),
-            "final_eval_return": float(evals_df[evals_df.frames == frames]["return"].mean()),
-            "frames": frames,
-            "iterations": iterations,
-            "episodes": int(len(episodes_df)),
-            "wall_seconds": wall,
-            "sps": frames / wall,
-            "final_beta": float(beta[s]) if spec.objective == "klpen" else None,
-        }))
+        out.append(RunResult.build(cfg, rows[s], episodes[s], evals[s], iterations, wall,
+                                   float(beta[s]) if spec.objective == "klpen" else None))
     return out
 
 

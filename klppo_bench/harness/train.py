@@ -44,6 +44,28 @@ class RunResult:
     """One row per deterministic evaluation episode."""
     summary: dict = field(default_factory=dict)
 
+    @classmethod
+    def build(cls, cfg: RunConfig, rows: list[dict], episodes: list[tuple], evals: list[tuple],
+              iterations: int, wall: float, final_beta: float | None) -> "RunResult":
+        """Tables and summary from a run's rows; the final score is defined here, once."""
+        metrics = pd.DataFrame(rows)
+        episodes_df = pd.DataFrame(episodes, columns=["frames", "return", "length"])
+        evals_df = pd.DataFrame(evals, columns=["frames", "episode", "return", "length"])
+        window = episodes_df["return"].tail(cfg.eval.final_window)
+        frames = int(metrics["frames"].iloc[-1])
+        summary = {
+            "final_score": float(window.mean()) if len(window) else math.nan,
+            "final_score_episodes": int(len(window)),
+            "final_eval_return": float(evals_df[evals_df.frames == frames]["return"].mean()),
+            "frames": frames,
+            "iterations": iterations,
+            "episodes": int(len(episodes_df)),
+            "wall_seconds": wall,
+            "sps": frames / wall,
+            "final_beta": final_beta,
+        }
+        return cls(metrics, episodes_df, evals_df, summary)
+
 
 def seed_everything(seed: int) -> None:
     """One seed fixes every random stream of the run; one torch thread fixes the bits."""
@@ -239,20 +261,5 @@ def train(cfg: RunConfig, progress: bool | None = None,
         collector.shutdown()
         eval_env.close()
 
-    metrics = pd.DataFrame(rows)
-    episodes_df = pd.DataFrame(episodes, columns=["frames", "return", "length"])
-    evals_df = pd.DataFrame(evals, columns=["frames", "episode", "return", "length"])
-    window = episodes_df["return"].tail(cfg.eval.final_window)
-    wall = time.perf_counter() - start
-    summary = {
-        "final_score": float(window.mean()) if len(window) else math.nan,
-        "final_score_episodes": int(len(window)),
-        "final_eval_return": float(evals_df[evals_df.frames == frames]["return"].mean()),
-        "frames": frames,
-        "iterations": iterations,
-        "episodes": int(len(episodes_df)),
-        "wall_seconds": wall,
-        "sps": frames / wall,
-        "final_beta": float(loss.beta) if hasattr(loss, "beta") else None,
-    }
-    return RunResult(metrics, episodes_df, evals_df, summary)
+    return RunResult.build(cfg, rows, episodes, evals, iterations, time.perf_counter() - start,
+                           float(loss.beta) if hasattr(loss, "beta") else None)
