@@ -13,10 +13,12 @@ FRAMES ?=
 BACKEND ?= local
 WORKERS ?=
 DEVICE ?= cpu
+ENGINE ?= auto
 TORCH  ?= torch==2.13.0
 PYTEST_ARGS ?=
 
 SWEEP_ARGS := --env $(ENV) --backend $(BACKEND) --results $(RESULTS) --device $(DEVICE) \
+	--engine $(ENGINE) \
 	$(if $(SEEDS),--seeds $(SEEDS)) $(if $(FRAMES),--frames $(FRAMES)) \
 	$(if $(WORKERS),--workers $(WORKERS))
 
@@ -50,6 +52,7 @@ test: install
 
 perf: install
 	$(BIN)/python benchmarks/throughput.py --env $(ENV)
+	$(BIN)/python benchmarks/batched.py --env $(ENV)
 
 clean-venv:
 	rm -rf $(VENV)
