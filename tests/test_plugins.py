@@ -45,6 +45,7 @@ def test_entry_point_group_registers_variants(monkeypatch):
             return lambda: [Variant(name="ep-demo", loss_class=PPOLoss, description="demo",
                                     kl_estimator="none", beta_rule="none", params=dict(COMMON))]
 
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))  # no leak into other tests
     monkeypatch.setattr(registry, "_ENTRY_POINTS_LOADED", False)
     monkeypatch.setattr(registry.metadata, "entry_points",
                         lambda group: [EP()] if group == registry.ENTRY_POINT_GROUP else [])

@@ -109,7 +109,7 @@ def test_cli_run_writes_a_complete_record(tmp_path):
 
 
 @pytest.mark.parametrize("args, needle", [
-    (["--variant", "klpen-adaptiv"], "allowed: clip, klpen-adaptive"),
+    (["--variant", "klpen-adaptiv"], "unknown variant 'klpen-adaptiv'; allowed: clip, "),
     (["--env", "Hoppr"], "unknown gymnasium environment 'Hoppr'"),
     (["--set", "dtrag=0.1"], "unknown parameter 'dtrag'"),
     (["--set", "increment=0.5"], "increment='0.5' is invalid (out of range); allowed: float >= 1.0"),
