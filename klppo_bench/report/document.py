@@ -25,7 +25,8 @@ CAPTIONS = {
                          "vs frames, 95% CIs.",
     "dtarg_increment_lines": "Sensitivity to dtarg for each increment: mean final score, 95% CIs.",
     "dtarg_increment_heatmap": "Sensitivity grid: mean final score per (dtarg, increment).",
-    "wall_clock": "Wall-clock time per run (mean over runs, 95% CIs); machine load affects it.",
+    "wall_clock": ("Wall-clock time per run (mean over runs, 95% CIs; a seed-batched job's time is "
+                   "split evenly over its seeds); machine load affects it."),
 }
 
 
