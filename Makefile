@@ -4,7 +4,7 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-ENV    ?= Hopper
+ENV    ?=
 SPEC   ?= experiments/bench.yaml
 EXPERIMENT ?= $(basename $(notdir $(SPEC)))
 RESULTS ?= results
@@ -17,7 +17,7 @@ ENGINE ?= auto
 TORCH  ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-SWEEP_ARGS := --env $(ENV) --backend $(BACKEND) --results $(RESULTS) --device $(DEVICE) \
+SWEEP_ARGS := $(if $(ENV),--env $(ENV)) --backend $(BACKEND) --results $(RESULTS) --device $(DEVICE) \
 	--engine $(ENGINE) \
 	$(if $(SEEDS),--seeds $(SEEDS)) $(if $(FRAMES),--frames $(FRAMES)) \
 	$(if $(WORKERS),--workers $(WORKERS))

@@ -38,10 +38,16 @@ def _cmd_run(args) -> int:
                            device=args.device, overrides=parse_set_args(args.set),
                            plugins=tuple(args.plugin))
     from klppo_bench.harness.batched import batch_unsupported_reason, execute_batch
+    from klppo_bench.store import RunDir
 
     reason = None if args.engine == "reference" else batch_unsupported_reason(cfg)
     if args.engine == "batched" and reason:
         raise ConfigError(f"--engine batched: {reason}; allowed: --engine auto or reference")
+    done = RunDir(Path(args.out) / "runs" / cfg.run_id())
+    if done.state() == "done":  # the same config and seed: the record already exists
+        print(f"run {done.run_id} is already done; record: {done.path} "
+              "(remove that directory to train it again)")
+        return 0
     progress = None if not args.quiet else False
     if args.engine == "reference" or reason:
         run = execute_run(cfg, Path(args.out), progress=progress)

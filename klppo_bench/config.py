@@ -78,6 +78,8 @@ _CHOICES = {
     ("model", "trunk"): ("separate", "shared"),
     ("model", "wiring"): ("operator", "single-call"),
 }
+_UNIT_INTERVAL = {("train", "gamma"), ("train", "lmbda")}
+_POSITIVE_FLOAT = {("train", "lr")}
 _POSITIVE_INT = {("train", "steps_per_iter"), ("train", "epochs"), ("train", "minibatch_size"),
                  ("train", "num_envs"), ("eval", "episodes"), ("eval", "final_window")}
 
@@ -158,8 +160,9 @@ def _field_param(section: str, f: dataclasses.Field, current: Any) -> Param:
     low = 1 if (section, f.name) in _POSITIVE_INT else None
     if kind in (int, float) and low is None and f.name not in ("log_std_init",):
         low = 0
-    return Param(current, kind, "", choices=_CHOICES.get((section, f.name)), low=low,
-                 loss_kwarg=None)
+    high = 1.0 if (section, f.name) in _UNIT_INTERVAL else None
+    return Param(current, kind, "", choices=_CHOICES.get((section, f.name)), low=low, high=high,
+                 low_open=(section, f.name) in _POSITIVE_FLOAT, loss_kwarg=None)
 
 
 def _parse_hidden(raw: Any, key: str, where: str) -> tuple[int, ...]:

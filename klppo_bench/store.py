@@ -108,19 +108,24 @@ class RunDir:
         atomic_write_json(self.path / "status.json", current)
 
     def start(self, config: dict, **fields: Any) -> None:
-        """Begin (or restart) the run: clear stale outputs, write config and ``running``."""
-        if self.path.exists():
-            for name in TABLES + ("summary",):
-                for f in self.path.glob(f"{name}.*"):
-                    f.unlink()
-            for f in self.path.glob(".*.tmp"):
-                f.unlink()
+        """Begin (or restart) the run: mark it ``running``, clear stale outputs, write config.
+
+        The status is replaced first (only the attempt count carries over), so a crash
+        in between never leaves a ``done`` status beside deleted tables, nor an old
+        attempt's error or timings beside a new result.
+        """
         self.path.mkdir(parents=True, exist_ok=True)
+        attempts = (self.status() or {}).get("attempts", 0) + 1
+        atomic_write_json(self.path / "status.json", {
+            "state": "running", "running_at": time.time(), "pid": os.getpid(),
+            "attempts": attempts, "error": None, **fields})
+        for name in TABLES + ("summary",):
+            for f in self.path.glob(f"{name}.*"):
+                f.unlink()
+        for f in self.path.glob(".*.tmp"):
+            f.unlink()
         atomic_write_bytes(self.path / "config.yaml",
                            yaml.safe_dump(config, sort_keys=False).encode())
-        previous = self.status() or {}
-        self.set_status("running", pid=os.getpid(), attempts=previous.get("attempts", 0) + 1,
-                        error=None, **fields)
 
     def finish(self, tables: dict[str, pd.DataFrame], summary: dict, **fields: Any) -> None:
         for name, df in tables.items():

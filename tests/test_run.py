@@ -106,6 +106,10 @@ def test_cli_run_writes_a_complete_record(tmp_path):
     assert prov["device"] == "cpu" and prov["torch_threads"] == 1
     assert prov["versions"]["torchrl"].startswith("0.14") and prov["cpu_capability"]
     assert len(prov["git"]["commit"]) in (40, 7) or prov["git"]["commit"] == "unknown"
+    again = _cli("run", "--variant", "klpen-adaptive", "--env", "Hopper", "--seed", "0",
+                 "--frames", str(TINY_FRAMES), "--out", str(out), "--set", "increment=1.5", *sets)
+    assert again.returncode == 0 and "already done" in again.stdout
+    assert json.loads((run_dir / "status.json").read_text()) == status  # untouched
 
 
 @pytest.mark.parametrize("args, needle", [
@@ -115,6 +119,8 @@ def test_cli_run_writes_a_complete_record(tmp_path):
     (["--set", "increment=0.5"], "increment='0.5' is invalid (out of range); allowed: float >= 1.0"),
     (["--set", "train.epoch=3"], "allowed: train.steps_per_iter"),
     (["--set", "model.trunk=tied"], "one of separate, shared"),
+    (["--set", "train.gamma=1.5"], "train.gamma='1.5' is invalid (out of range)"),
+    (["--set", "train.lr=0"], "train.lr='0' is invalid (out of range)"),
     (["--set", "dtarg"], "expected KEY=VALUE"),
     (["--device", "tpu"], "allowed: cpu, cuda"),
     (["--frames", "0"], "frames=0"),
@@ -164,10 +170,14 @@ def test_restart_clears_stale_outputs(tmp_path):
     run.start(cfg.to_dict())
     (run.path / "metrics.parquet").write_bytes(b"truncated")
     (run.path / ".metrics.parquet.abc.tmp").write_bytes(b"partial")
+    run.fail("an earlier attempt's error", traceback="old", seconds=99.0)
+    run.start(cfg.to_dict())  # a restart clears the stale outputs and the old attempt's fields
+    assert not (run.path / "metrics.parquet").exists() and not list(run.path.glob(".*.tmp"))
+    assert run.state() == "running" and "traceback" not in run.status()
     run = execute_run(cfg, tmp_path)
-    assert run.state() == "done" and run.status()["attempts"] == 2
+    assert run.state() == "done" and run.status()["attempts"] == 3
+    assert run.status()["error"] is None and "traceback" not in run.status()
     assert len(run.table("metrics")) == 2
-    assert not list(run.path.glob(".*.tmp"))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a CPU-only torch")
@@ -183,3 +193,13 @@ def test_cuda_run_trains_networks_on_the_gpu(variant):
     result = train(cfg, progress=False)
     assert cfg.device == "cuda"
     assert result.metrics["loss_objective"].notna().all() and len(result.episodes) > 0
+
+
+def test_vector_envs_of_different_seeds_never_share_an_env_seed():
+    from klppo_bench.harness.env import make_env
+
+    first = {seed: make_env("Hopper-v5", seed, num_envs=2, obs_norm=False).reset()["observation"]
+             for seed in (0, 1)}
+    assert not torch.equal(first[0][1], first[1][0])  # seed 0's env 1 vs seed 1's env 0
+    assert torch.equal(make_env("Hopper-v5", 1, obs_norm=False).reset()["observation"],
+                       make_env("Hopper-v5", 1, obs_norm=False).reset()["observation"])

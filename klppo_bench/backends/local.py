@@ -121,7 +121,7 @@ class LocalBackend:
                     proc, job = running.pop(ready)
                     proc.join()
                     if proc.exitcode == 0:
-                        yield from (run_status(self.exp_dir, e) for e in job)
+                        yield from (run_status(self.exp_dir, e) for e in job if e.get("write", True))
                     else:
                         yield from record_lost(job, self.exp_dir, _death_reason(proc.exitcode))
         finally:  # interrupted (Ctrl-C) or abandoned: stop our workers, runs stay resumable

@@ -112,7 +112,8 @@ class BatchedEnvs:
         self.obs_dim = self.venv.single_observation_space.shape[0]
         self.action_dim = self.venv.single_action_space.shape[0]
         self.norm = ObsNorm(self.S, self.obs_dim, obs_norm, obs_clip)
-        self.venv.reset(seed=[s + i for s in seeds for i in range(self.E)])
+        # sub-env i of run seed s: s * E + i, as the reference engine (no overlap between runs)
+        self.venv.reset(seed=[s * self.E + i for s in seeds for i in range(self.E)])
         self.ep_return = np.zeros((self.S, self.E), dtype=np.float32)
         self.ep_length = np.zeros((self.S, self.E), dtype=np.int64)
 

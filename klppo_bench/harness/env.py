@@ -113,7 +113,9 @@ def make_env(env_id: str, seed: int, num_envs: int = 1, obs_norm: bool = True,
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         env = TransformedEnv(base, Compose(*transforms))
-    env.set_seed(seed)
+    # sub-env i gets seed * num_envs + i (torchrl seeds a vector env seed, seed+1, ...):
+    # runs of different seeds never share an environment seed.
+    env.set_seed(seed * num_envs)
     return env
 
 

@@ -23,7 +23,8 @@ from klppo_bench.report.tables import fmt, write_table
 from klppo_bench.stats import aggregate as agg
 from klppo_bench.stats.curves import curve_sets, frame_grid, restrict
 from klppo_bench.stats.random_policy import random_scores
-from klppo_bench.stats.scores import (as_float, collect_runs, parse_params, score_table,
+from klppo_bench.stats.scores import (as_float, collect_runs, normalize, parse_params,
+                                      score_table,
                                       varied_params)
 from klppo_bench.store import atomic_write_bytes, load_experiment
 
@@ -404,8 +405,7 @@ def draw(rep: Report) -> None:
     const = rep.constants.set_index("env")
 
     def normalized(run, v):
-        low, high = const.loc[run["env"], "random_score"], const.loc[run["env"], "best_score"]
-        return (v - low) / (high - low)
+        return normalize(v, const.loc[run["env"], "random_score"], const.loc[run["env"], "best_score"])
     grid = frame_grid(long, 20)
     sets = curve_sets(long, "episode_return", grid, transform=normalized)
     est = {s: agg.curve_estimates(sets[s], "iqm", reps, rs) for s in rep.settings if s in sets}
@@ -426,7 +426,7 @@ def draw(rep: Report) -> None:
         if long_env.empty:
             continue
         grid, ratio = mean_curves(long_env, env, "kl_batch", kl_settings, per_dtarg)
-        _, log_beta = mean_curves(long_env, env, "beta", kl_settings, lambda r, v: np.log(v))
+        _, log_beta = mean_curves(long_env, env, "beta", kl_settings, lambda r, v: np.log(np.maximum(v, 1e-30)))
         beta = {s: tuple(np.exp(x) for x in e) for s, e in log_beta.items()}  # geometric
         save(figures.kl_diagnostics(grid, ratio, beta, styles, env), f"kl_diagnostics_{env}")
         long_mc = long_env[long_env.setting.isin(mc_settings)]
