@@ -34,15 +34,22 @@ from plain_ppo import run_plain_ppo  # noqa: E402
 
 
 def raw_gym_sps(env_id: str, steps: int, seed: int = 0) -> float:
-    """Steps/s of a bare gymnasium env with uniformly random actions."""
+    """Steps/s of a bare gymnasium env (resets included) with uniformly random actions.
+
+    The actions are drawn before the clock starts: ``action_space.sample()`` per step costs
+    about as much as the MuJoCo step itself and would understate the env's ceiling.
+    """
     import gymnasium as gym
+    import numpy as np
 
     env = gym.make(env_id)
-    env.action_space.seed(seed)
+    space = env.action_space
+    actions = np.random.default_rng(seed).uniform(space.low, space.high,
+                                                  size=(steps, *space.shape))
     env.reset(seed=seed)
     start = time.perf_counter()
-    for _ in range(steps):
-        _, _, term, trunc, _ = env.step(env.action_space.sample())
+    for action in actions:
+        _, _, term, trunc, _ = env.step(action)
         if term or trunc:
             env.reset()
     sps = steps / (time.perf_counter() - start)
