@@ -169,3 +169,23 @@ def test_report_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys):
     (tmp_path / "empty" / "runs").mkdir(parents=True)
     assert main(["report", str(tmp_path / "empty")]) == 2
     assert not (tmp_path / "empty" / "report").exists()
+
+
+def test_a_failed_rebuild_leaves_the_previous_report_whole(tiny_experiment, monkeypatch):
+    from klppo_bench.report import build
+
+    report = tiny_experiment / "report"
+    if not (report / "report.md").exists():
+        assert _report(tiny_experiment) == 0
+    before = {p: p.stat().st_mtime_ns for p in report.rglob("*") if p.is_file()}
+
+    def broken(rep):
+        (rep.out / "figures").mkdir(exist_ok=True)
+        (rep.out / "figures" / "half.png").write_bytes(b"partial")
+        raise RuntimeError("drawing failed")
+
+    monkeypatch.setattr(build, "draw", broken)
+    with pytest.raises(RuntimeError, match="drawing failed"):
+        build.build_report(tiny_experiment)
+    assert {p: p.stat().st_mtime_ns for p in report.rglob("*") if p.is_file()} == before
+    assert not list(tiny_experiment.glob(".report.building-*"))

@@ -11,6 +11,9 @@ shows first.
 from __future__ import annotations
 
 import itertools
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -461,11 +464,26 @@ def build_report(exp_dir: Path | str, options: ReportOptions | None = None) -> R
     from klppo_bench.report.document import render
 
     rep = collect(Path(exp_dir), options or ReportOptions())
-    rep.out.mkdir(parents=True, exist_ok=True)
-    _clear_generated(rep.out)
-    compute(rep)
-    draw(rep)
-    atomic_write_bytes(rep.out / "scores.csv", rep.scores.to_csv(index=False).encode())
-    atomic_write_bytes(rep.out / "aggregates.csv", rep.aggregates.to_csv(index=False).encode())
-    atomic_write_bytes(rep.out / "report.md", render(rep).encode())
+    final = rep.out
+    # Build beside the report, then move the files in: a rebuild that fails half-way leaves
+    # the previous report whole instead of a mix of old and new files.
+    final.parent.mkdir(parents=True, exist_ok=True)
+    rep.out = Path(tempfile.mkdtemp(prefix=f".{final.name}.building-", dir=final.parent))
+    try:
+        compute(rep)
+        draw(rep)
+        atomic_write_bytes(rep.out / "scores.csv", rep.scores.to_csv(index=False).encode())
+        atomic_write_bytes(rep.out / "aggregates.csv",
+                           rep.aggregates.to_csv(index=False).encode())
+        atomic_write_bytes(rep.out / "report.md", render(rep).encode())
+        final.mkdir(exist_ok=True)
+        _clear_generated(final)
+        built = sorted(p for p in rep.out.rglob("*") if p.is_file())
+        for src in sorted(built, key=lambda p: p.name == "report.md"):  # report.md last
+            dst = final / src.relative_to(rep.out)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(src, dst)
+    finally:
+        shutil.rmtree(rep.out, ignore_errors=True)
+        rep.out = final
     return rep
