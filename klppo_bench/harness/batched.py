@@ -52,7 +52,8 @@ from klppo_bench.harness.batched_loss import (
 )
 from klppo_bench.harness.batched_nets import StackedActorCritic, init_seed_models
 from klppo_bench.harness.provenance import provenance
-from klppo_bench.harness.train import EVAL_SEED_OFFSET, RunResult, max_episode_steps
+from klppo_bench.harness.train import (EVAL_SEED_OFFSET, RunResult, iteration_row,
+                                       max_episode_steps)
 from klppo_bench.store import RunDir
 from klppo_bench.variants import get_variant, load_plugins
 
@@ -294,32 +295,14 @@ def train_batched(cfgs: list[RunConfig], progress: bool | None = None,
             now = time.perf_counter()
             lr = optim.param_groups[0]["lr"]
             for s in alive():
-                finished = [e for e in episodes[s] if e[0] > frames - tc.steps_per_iter]
-                nan = math.nan
-                rows[s].append({
-                    "iteration": it,
-                    "frames": frames,
-                    "episodes": len(finished),
-                    "episode_return": float(np.mean([e[1] for e in finished])) if finished else nan,
-                    "episode_length": float(np.mean([e[2] for e in finished])) if finished else nan,
-                    "loss_objective": float(means["loss_objective"][s]),
-                    "loss_critic": float(means["loss_critic"][s]) if "loss_critic" in means else nan,
-                    "kl": float(means["kl"][s]) if "kl" in means else nan,
-                    "kl_batch": float(kl_batch_mean[s]),
-                    "kl_estimate": float(kl_estimate[s]),
-                    "kl_estimate_err_std": float(kl_err[s]),
-                    "kl_approx": float(means["kl_approx"][s]),
-                    "beta": float(betas[s]) if spec.objective == "klpen" else nan,
-                    "entropy": float(entropy[s]),
-                    "clip_fraction": float(means["clip_fraction"][s]) if "clip_fraction" in means else nan,
-                    "explained_variance": float(means["explained_variance"][s]) if "explained_variance" in means else nan,
-                    "grad_norm": float(means["grad_norm"][s]),
-                    "lr": lr,
-                    "update_seconds": now - t_iter,
-                    "wall_seconds": now - start,
-                    "sps": frames / (now - start),
-                    "eval_return": nan,
-                })
+                rows[s].append(iteration_row(
+                    it, frames, tc.steps_per_iter, episodes[s],
+                    {k: float(v[s]) for k, v in means.items()},
+                    kl_batch=float(kl_batch_mean[s]), kl_estimate=float(kl_estimate[s]),
+                    kl_estimate_err_std=float(kl_err[s]),
+                    beta=float(betas[s]) if spec.objective == "klpen" else math.nan,
+                    entropy=float(entropy[s]), lr=lr, update_seconds=now - t_iter,
+                    wall_seconds=now - start))
             if (frames >= next_eval or it == iterations - 1) and alive():
                 def policy_mean(o: np.ndarray) -> np.ndarray:
                     with torch.no_grad():

@@ -67,6 +67,43 @@ class RunResult:
         return cls(metrics, episodes_df, evals_df, summary)
 
 
+def iteration_row(it: int, frames: int, new_frames: int, episodes: list[tuple],
+                  losses: dict[str, float], *, kl_batch: float, kl_estimate: float,
+                  kl_estimate_err_std: float, beta: float, entropy: float, lr: float,
+                  update_seconds: float, wall_seconds: float) -> dict:
+    """One iteration's metrics row, identical in both engines (the store's schema).
+
+    ``episodes`` holds (frames at end, return, length) of every training episode so far;
+    ``losses`` the iteration's mean of each loss output (a key the loss lacks is NaN).
+    """
+    finished = [e for e in episodes if e[0] > frames - new_frames]
+    nan = math.nan
+    return {
+        "iteration": it,
+        "frames": frames,
+        "episodes": len(finished),
+        "episode_return": float(np.mean([e[1] for e in finished])) if finished else nan,
+        "episode_length": float(np.mean([e[2] for e in finished])) if finished else nan,
+        "loss_objective": losses["loss_objective"],
+        "loss_critic": losses.get("loss_critic", nan),
+        "kl": losses.get("kl", nan),
+        "kl_batch": kl_batch,
+        "kl_estimate": kl_estimate,
+        "kl_estimate_err_std": kl_estimate_err_std,
+        "kl_approx": losses.get("kl_approx", nan),
+        "beta": beta,
+        "entropy": entropy,
+        "clip_fraction": losses.get("clip_fraction", nan),
+        "explained_variance": losses.get("explained_variance", nan),
+        "grad_norm": losses["grad_norm"],
+        "lr": lr,
+        "update_seconds": update_seconds,
+        "wall_seconds": wall_seconds,
+        "sps": frames / wall_seconds,
+        "eval_return": nan,
+    }
+
+
 def seed_everything(seed: int) -> None:
     """One seed fixes every random stream of the run; one torch thread fixes the bits."""
     torch.set_num_threads(1)
@@ -217,30 +254,13 @@ def train(cfg: RunConfig, progress: bool | None = None,
                     kl_estimate_err = float((kl_samples - kl_batch).std())
             beta_schedule.after_iteration(loss, kl_estimate, cfg.loss)
             now = time.perf_counter()
-            finished = [e for e in episodes if e[0] > frames - n_new]
-            row = {
-                "iteration": it,
-                "frames": frames,
-                "episodes": len(finished),
-                "episode_return": float(np.mean([e[1] for e in finished])) if finished else math.nan,
-                "episode_length": float(np.mean([e[2] for e in finished])) if finished else math.nan,
-                "loss_objective": float(np.mean(stats["loss_objective"])),
-                "loss_critic": float(np.mean(stats.get("loss_critic", [math.nan]))),
-                "kl": float(np.mean(stats["kl"])) if "kl" in stats else math.nan,
-                "kl_batch": float(kl_batch.mean()),
-                "kl_estimate": kl_estimate,
-                "kl_estimate_err_std": kl_estimate_err,
-                "kl_approx": float(np.mean(stats.get("kl_approx", [math.nan]))),
-                "beta": float(loss.beta) if hasattr(loss, "beta") else math.nan,
-                "entropy": float(entropy),
-                "clip_fraction": float(np.mean(stats["clip_fraction"])) if "clip_fraction" in stats else math.nan,
-                "explained_variance": float(np.mean(stats.get("explained_variance", [math.nan]))),
-                "grad_norm": float(np.mean(stats["grad_norm"])),
-                "lr": optim.param_groups[0]["lr"],
-                "update_seconds": now - t_iter,
-                "wall_seconds": now - start,
-                "sps": frames / (now - start),
-            }
+            row = iteration_row(
+                it, frames, n_new, episodes, {k: float(np.mean(v)) for k, v in stats.items()},
+                kl_batch=float(kl_batch.mean()), kl_estimate=kl_estimate,
+                kl_estimate_err_std=kl_estimate_err,
+                beta=float(loss.beta) if hasattr(loss, "beta") else math.nan,
+                entropy=float(entropy), lr=optim.param_groups[0]["lr"],
+                update_seconds=now - t_iter, wall_seconds=now - start)
             if frames >= next_eval or it == iterations - 1:
                 for k, (ret, length) in enumerate(
                     evaluate(eval_env, env, models.policy, cfg.eval.episodes, eval_max_steps)
@@ -248,8 +268,6 @@ def train(cfg: RunConfig, progress: bool | None = None,
                     evals.append((frames, k, ret, length))
                 next_eval = (frames // cfg.eval.every + 1) * cfg.eval.every if cfg.eval.every else math.inf
                 row["eval_return"] = float(np.mean([e[2] for e in evals if e[0] == frames]))
-            else:
-                row["eval_return"] = math.nan
             rows.append(row)
             bar.update(n_new)
             bar.set_postfix(ret=f"{row['episode_return']:.0f}", kl=f"{row['kl_batch']:.4f}",
