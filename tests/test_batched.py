@@ -215,9 +215,11 @@ def _deterministic(df: pd.DataFrame) -> pd.DataFrame:
 
 def test_batched_seed_tracks_the_reference_engine_and_has_its_schema():
     """Seed 3 in a batch with seed 4 starts from the reference's weights, env states and
-    action noise; the first iteration reproduces the reference engine's episodes exactly."""
+    action noise; the first iteration reproduces the reference engine's episodes exactly, and
+    its evaluations (own env seeds, deterministic policy) agree to float rounding."""
+    overrides = {**TINY, "eval.every": TINY["train.steps_per_iter"], "eval.episodes": 2}
     cfgs = [build_run_config("klpen-adaptive-mc", "Hopper", s, frames=TINY_FRAMES,
-                             overrides=TINY) for s in (3, 4)]
+                             overrides=overrides) for s in (3, 4)]
     batched = train_batched(cfgs, progress=False)
     ref = train(cfgs[0], progress=False)
     got = batched[0]
@@ -229,6 +231,8 @@ def test_batched_seed_tracks_the_reference_engine_and_has_its_schema():
     pd.testing.assert_frame_equal(got.episodes.iloc[:len(first)], first, rtol=1e-5)
     a, b = _deterministic(ref.metrics).iloc[0], _deterministic(got.metrics).iloc[0]
     pd.testing.assert_series_equal(b, a, rtol=1e-3, atol=1e-6)
+    assert len(ref.evals) == 4  # 2 evaluations x 2 episodes
+    pd.testing.assert_frame_equal(got.evals, ref.evals, rtol=1e-5)
     assert not got.episodes["return"].equals(batched[1].episodes["return"])
 
 
@@ -258,6 +262,7 @@ def test_execute_batch_writes_reference_run_dirs_and_resumes_per_seed(tmp_path):
     assert runs[0].status()["done_at"] == done_at and runs[0].status()["attempts"] == 1
     assert runs[1].status()["attempts"] == 2 and runs[2].status()["attempts"] == 1
     assert runs[1].status()["provenance"]["batch_seeds"] == [1, 2]
+    assert runs[1].status()["provenance"]["env_stepper"] == "mujoco-direct"
     files = lambda run: sorted(p.name for p in run.path.iterdir())  # noqa: E731
     assert files(runs[0]) == files(ref_run)
     assert runs[0].config() == ref_run.config()

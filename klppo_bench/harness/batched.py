@@ -52,6 +52,7 @@ from klppo_bench.harness.batched_loss import (
 )
 from klppo_bench.harness.batched_nets import StackedActorCritic, init_seed_models
 from klppo_bench.harness.provenance import provenance
+from klppo_bench.harness.vector_step import stepper_name
 from klppo_bench.harness.train import (EVAL_SEED_OFFSET, RunResult, iteration_row,
                                        max_episode_steps)
 from klppo_bench.store import RunDir
@@ -346,7 +347,7 @@ def _clip_grad_norm_per_seed(params: list[torch.Tensor], max_norm: float, S: int
     """
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
-        return torch.zeros(S)
+        return torch.zeros(S, device=params[0].device)
     total = torch.linalg.vector_norm(torch.cat([g.reshape(S, -1) for g in grads], 1), 2, dim=1)
     limit = max_norm if max_norm > 0 else math.inf
     coef = torch.clamp(limit / (total + 1e-6), max=1.0)
@@ -382,7 +383,8 @@ def execute_batch(cfgs: list[RunConfig], exp_dir: Path | str, progress: bool | N
     trained = list(range(len(cfgs))) if write is not None else writing
     batch = [cfgs[i] for i in trained]
     prov = provenance(cfgs[0].device)
-    prov.update(engine="batched", batch_seeds=[c.seed for c in batch])
+    prov.update(engine="batched", batch_seeds=[c.seed for c in batch],
+                env_stepper=stepper_name(cfgs[0].env))
     for i in writing:
         runs[i].start(cfgs[i].to_dict(), setting=settings[i], provenance=prov)
     t0 = time.time()

@@ -1,13 +1,15 @@
 """Environments of S seeds stepped together, with the reference engine's transforms per seed.
 
-One ``gymnasium.vector.SyncVectorEnv`` holds all ``S x num_envs`` sub-envs (seed-major: sub-env
-``s * num_envs + i`` belongs to seed ``s``), each ``ClipAction(gym.make(env_id))`` as in
-:func:`klppo_bench.harness.env.make_env`. It is stepped directly rather than through torchrl's
-``GymWrapper``: on this machine (Hopper-v5, one core, quiet) the wrapper with the harness's
-transforms rolls out at ~0.22x raw ``env.step`` (``benchmarks/throughput.py``: ``torchrl env``
-vs ``raw gymnasium``, 649 vs 2,925 steps/s on a busy machine), while the vector env costs
-about the same as a plain loop over the sub-envs (335 vs 324-420 us/step, measured with 16
-Hopper envs on a busy machine, ``AutoresetMode.SAME_STEP``).
+One stepper (:mod:`klppo_bench.harness.vector_step`) holds all ``S x num_envs`` sub-envs
+(seed-major: sub-env ``s * num_envs + i`` belongs to seed ``s``), each
+``ClipAction(gym.make(env_id))`` as in :func:`klppo_bench.harness.env.make_env`: gymnasium's
+``SyncVectorEnv`` for any id, or, for the v5 locomotion tasks, the bit-identical
+:class:`~klppo_bench.harness.vector_step.MujocoLocomotionStepper`, which skips gymnasium's
+per-step Python. The sub-envs are stepped directly rather than through torchrl's ``GymWrapper``:
+on this machine (Hopper-v5, one core, quiet) the wrapper with the harness's transforms rolls out
+at ~0.16x raw ``env.step`` (``benchmarks/throughput.py``: ``torchrl env`` vs ``raw gymnasium``,
+942 vs 6,020 steps/s), while the vector env costs about the same as a plain loop over the
+sub-envs.
 
 What the reference's torchrl transforms do is reproduced per seed, in float64 with the same
 operations (so the statistics are bit-identical for the same observations):
@@ -24,10 +26,12 @@ operations (so the statistics are bit-identical for the same observations):
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
+
+from klppo_bench.harness.vector_step import (MujocoLocomotionStepper, fast_stepper_reason,
+                                              make_stepper, make_sub_env)
 
 
 class ObsNorm:
@@ -43,7 +47,10 @@ class ObsNorm:
         """Merge ``x [len(seeds), n, D]`` (float64) into the statistics of ``seeds``."""
         n = x.shape[1]
         mean, var, count = self.mean[seeds], self.var[seeds], self.count[seeds]
-        batch_mean, batch_var = x.mean(1), x.var(1)
+        if n == 1:  # the mean and (population) variance of one sample, exactly; much cheaper
+            batch_mean, batch_var = x[:, 0], 0.0
+        else:
+            batch_mean, batch_var = x.mean(1), x.var(1)
         total = count + n
         delta = batch_mean - mean
         self.mean[seeds] = mean + delta * n / total
@@ -73,14 +80,6 @@ def _as_float64(obs: np.ndarray) -> np.ndarray:
     return np.asarray(obs, dtype=np.float32).astype(np.float64)
 
 
-def make_sub_env(env_id: str):
-    import gymnasium as gym
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return gym.wrappers.ClipAction(gym.make(env_id))
-
-
 @dataclass
 class StepResult:
     """One vector step, all arrays shaped ``[S, E, ...]``."""
@@ -100,38 +99,30 @@ class BatchedEnvs:
     """``seeds x num_envs`` gymnasium sub-envs with per-seed normalization."""
 
     def __init__(self, env_id: str, seeds: list[int], num_envs: int, obs_norm: bool,
-                 obs_clip: float):
-        import gymnasium as gym
-
+                 obs_clip: float, fast: bool = True):
         self.S, self.E = len(seeds), num_envs
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            self.venv = gym.vector.SyncVectorEnv(
-                [lambda: make_sub_env(env_id)] * (self.S * self.E),
-                autoreset_mode=gym.vector.AutoresetMode.SAME_STEP, copy=False)
-        self.obs_dim = self.venv.single_observation_space.shape[0]
-        self.action_dim = self.venv.single_action_space.shape[0]
+        self.stepper = make_stepper(env_id, self.S * self.E, fast=fast)
+        self.obs_dim, self.action_dim = self.stepper.obs_dim, self.stepper.action_dim
         self.norm = ObsNorm(self.S, self.obs_dim, obs_norm, obs_clip)
         # sub-env i of run seed s: s * E + i, as the reference engine (no overlap between runs)
-        self.venv.reset(seed=[s * self.E + i for s in seeds for i in range(self.E)])
+        self.stepper.reset([s * self.E + i for s in seeds for i in range(self.E)])
         self.ep_return = np.zeros((self.S, self.E), dtype=np.float32)
         self.ep_length = np.zeros((self.S, self.E), dtype=np.int64)
 
     def reset(self) -> np.ndarray:
         """First observations ``[S, E, D]`` (normalized, float32)."""
-        raw, _ = self.venv.reset()
+        raw = self.stepper.reset()
         return self.norm(_as_float64(raw).reshape(self.S, self.E, -1))
 
     def step(self, action: np.ndarray) -> StepResult:
         """Step every sub-env with ``action [S, E, A]`` (clipped to the box by ``ClipAction``)."""
         S, E = self.S, self.E
-        raw, reward, term, trunc, info = self.venv.step(action.reshape(S * E, -1))
+        raw, reward, term, trunc, final = self.stepper.step(action.reshape(S * E, -1))
         done = term | trunc
         raw = _as_float64(raw)
         next_raw = raw.copy()
-        if done.any():
-            for i in np.flatnonzero(done):
-                next_raw[i] = info["final_obs"][i]
+        for i, final_obs in final.items():
+            next_raw[i] = _as_float64(final_obs)
         next_obs = self.norm(next_raw.reshape(S, E, -1))
         obs = next_obs
         reward = reward.astype(np.float32).reshape(S, E)
@@ -153,19 +144,41 @@ class BatchedEnvs:
         return StepResult(next_obs, obs, reward, term, done, finished)
 
     def close(self) -> None:
-        self.venv.close()
+        self.stepper.close()
 
 
 class BatchedEvaluator:
     """One evaluation env per seed (seeded ``seed + offset`` once, then reset without a seed,
-    like the reference's ``eval_env``), run in lockstep with one batched policy call."""
+    like the reference's ``eval_env``), run in lockstep with one batched policy call.
+
+    The v5 locomotion tasks step through :class:`MujocoLocomotionStepper` (bit-identical,
+    cheaper), every other id through its gymnasium env."""
 
     def __init__(self, env_id: str, seeds: list[int], offset: int, obs_clip: float,
-                 obs_norm: bool):
-        self.envs = [make_sub_env(env_id) for _ in seeds]
-        for env, seed in zip(self.envs, seeds):
-            env.reset(seed=seed + offset)
+                 obs_norm: bool, fast: bool = True):
+        self.fast = fast and fast_stepper_reason(env_id) is None
+        if self.fast:
+            self.stepper = MujocoLocomotionStepper(env_id, len(seeds))
+            for i, seed in enumerate(seeds):
+                self.stepper.reset_one(i, seed + offset)
+        else:
+            self.envs = [make_sub_env(env_id) for _ in seeds]
+            for env, seed in zip(self.envs, seeds):
+                env.reset(seed=seed + offset)
+        self.S = len(seeds)
         self.obs_norm, self.obs_clip = obs_norm, obs_clip
+
+    def _reset(self, s: int) -> np.ndarray:
+        return self.stepper.reset_one(s) if self.fast else self.envs[s].reset()[0]
+
+    def _step(self, action: np.ndarray, running: np.ndarray):
+        """Step the seeds in ``running`` (indices) with ``action[running]``."""
+        if self.fast:
+            obs, r, term, trunc, _ = self.stepper.step(action[running], active=running,
+                                                       autoreset=False)
+            return obs, r, term | trunc
+        out = [self.envs[s].step(action[s]) for s in running]
+        return ([o[0] for o in out], [o[1] for o in out], [o[2] or o[3] for o in out])
 
     def run(self, policy_mean, stats: ObsNorm, episodes: int, max_steps: int,
             active: list[int]) -> dict[int, list[tuple[float, int]]]:
@@ -176,7 +189,7 @@ class BatchedEvaluator:
         Returns:
             ``{seed index: [(return, length), ...]}``.
         """
-        S = len(self.envs)
+        S = self.S
         out = {s: [] for s in active}
         for _ in range(episodes):
             raw = np.zeros((S, 1, stats.mean.shape[1]))
@@ -184,16 +197,17 @@ class BatchedEvaluator:
             ret = np.zeros(S, dtype=np.float32)
             length = np.zeros(S, dtype=np.int64)
             for s in active:
-                raw[s, 0] = _as_float64(self.envs[s].reset()[0])
+                raw[s, 0] = _as_float64(self._reset(s))
                 running[s] = True
             for _ in range(max_steps):
-                action = policy_mean(stats.normalize(raw))
-                for s in np.flatnonzero(running):
-                    obs, r, term, trunc, _ = self.envs[s].step(action[s, 0])
-                    raw[s, 0] = _as_float64(obs)
-                    ret[s] += np.float32(r)
+                action = policy_mean(stats.normalize(raw))[:, 0]
+                idx = np.flatnonzero(running)
+                obs, r, done = self._step(action, idx)
+                for row, s in enumerate(idx):
+                    raw[s, 0] = _as_float64(obs[row])
+                    ret[s] += np.float32(r[row])
                     length[s] += 1
-                    if term or trunc:
+                    if done[row]:
                         running[s] = False
                 if not running.any():
                     break
@@ -202,5 +216,8 @@ class BatchedEvaluator:
         return out
 
     def close(self) -> None:
-        for env in self.envs:
-            env.close()
+        if self.fast:
+            self.stepper.close()
+        else:
+            for env in self.envs:
+                env.close()
