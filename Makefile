@@ -51,8 +51,8 @@ test: install
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 perf: install
-	$(BIN)/python benchmarks/throughput.py --env $(ENV)
-	$(BIN)/python benchmarks/batched.py --env $(ENV)
+	$(BIN)/python benchmarks/throughput.py $(if $(ENV),--env $(ENV))
+	$(BIN)/python benchmarks/batched.py $(if $(ENV),--env $(ENV))
 
 clean-venv:
 	rm -rf $(VENV)

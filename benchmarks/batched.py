@@ -8,13 +8,16 @@ its own; in the same benchmark run it measures:
 * ``reference engine``         -- :func:`klppo_bench.harness.train.train`, one seed (torchrl);
 * ``batched S=k``              -- :func:`klppo_bench.harness.batched.train_batched` with k seeds;
 * ``2 x plain-torch``          -- two plain-torch loops at once (one per core);
-* ``2 x batched S=k``          -- two batched processes at once (a 2-worker sweep of 2k seeds).
+* ``2 x batched S=k``          -- two batched processes at once (a 2-worker sweep of 2k seeds);
+  this row and ``2 x plain-torch`` are interleaved and repeated (``--repeats``, medians);
+* ``klppo-bench sweep``        -- the real 2-worker sweep command of 2k seeds, wall clock.
 
-Total env-steps/s = all seeds' frames / wall time of the process(es), setup included. Each
-row gets its ratio to the single plain-torch loop and to raw stepping; the table is printed
-and written to ``--out``. Not part of the test suite.
+Total env-steps/s = all seeds' frames / the slowest process's own timer (setup included,
+interpreter start-up not; the sweep row: the command's wall clock). Each row gets its ratio
+to the single plain-torch loop, to raw stepping and to the median of the concurrent
+plain-torch pairs; the table is printed and written to ``--out``. Not part of the test suite.
 
-    python benchmarks/batched.py --env Hopper [--seeds 1 2 4 8 16] [--frames 4096]
+    python benchmarks/batched.py --env Hopper [--seeds 1 2 4 8 16 32] [--frames 10240]
 """
 
 from __future__ import annotations
@@ -108,15 +111,47 @@ def measure(name: str, kind: str, args, seeds: int = 1, processes: int = 1,
     return row
 
 
+def measure_sweep(args, seeds: int, frames: int) -> dict:
+    """The real thing: ``klppo-bench sweep`` of one config x ``seeds`` seeds, 2 workers, into
+    a temporary results root (planning, worker processes, store writes and start-up included:
+    frames / wall time of the whole command)."""
+    import tempfile
+
+    import yaml
+
+    with tempfile.TemporaryDirectory() as tmp:
+        spec = Path(tmp) / "perf_sweep.yaml"
+        spec.write_text(yaml.safe_dump({
+            "name": "perf_sweep", "envs": [args.env], "seeds": seeds, "frames": frames,
+            "variants": [{"name": args.variant}], "eval": {"every": 0, "episodes": 1}}))
+        cmd = [sys.executable, "-m", "klppo_bench.cli", "sweep", str(spec), "--workers", "2",
+               "--engine", "batched", "--results", str(Path(tmp) / "results")]
+        t0 = time.perf_counter()
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wall = time.perf_counter() - t0
+    total = seeds * frames
+    row = {"name": f"klppo-bench sweep, {seeds} seeds, 2 workers", "seeds_per_process":
+           -(-seeds // 2), "processes": 2, "frames_total": total, "seconds": wall,
+           "total_sps": total / wall, "per_seed_sps": total / wall / seeds,
+           "peak_rss_mb": float("nan"), "wall_with_startup": wall}
+    print(f"  {row['name']}: {row['total_sps']:,.0f} env-steps/s (wall clock, start-up "
+          "included)", file=sys.stderr, flush=True)
+    return row
+
+
 def main(argv: list[str] | None = None) -> pd.DataFrame:
     parser = argparse.ArgumentParser(description="total env-steps/s of the seed-batched engine")
     parser.add_argument("--env", default="Hopper")
     parser.add_argument("--variant", default="clip")
-    parser.add_argument("--frames", type=int, default=4096, help="frames per seed")
-    parser.add_argument("--seeds", type=int, nargs="*", default=[1, 2, 4, 8, 16],
+    parser.add_argument("--frames", type=int, default=10240, help="frames per seed")
+    parser.add_argument("--seeds", type=int, nargs="*", default=[1, 2, 4, 8, 16, 32],
                         help="seeds per process to measure")
     parser.add_argument("--sweep-seeds", type=int, default=10,
                         help="seeds of the 2-worker sweep row (split over 2 processes)")
+    parser.add_argument("--sweep-frames", type=int, default=20480,
+                        help="frames per seed in the 2-worker rows (steady state, ~10 updates)")
+    parser.add_argument("--repeats", type=int, default=5,
+                        help="interleaved repeats of the 2-worker comparison (median reported)")
     parser.add_argument("--no-reference", action="store_true", help="skip the torchrl engine row")
     parser.add_argument("--out", default="results/perf/batched.csv")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -142,25 +177,42 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         rows.append(measure(f"reference engine ({args.variant})", "reference", args))
     for n in args.seeds:
         rows.append(measure(f"batched S={n}", "batched", args, seeds=n))
-    rows.append(measure("2 x plain-torch (concurrent)", "plain", args, processes=2))
+    # the headline comparison: a 2-worker sweep against two concurrent plain-torch loops,
+    # interleaved and repeated (this machine is noisy); every repeat is a row, ratios per pair
     half = max(1, args.sweep_seeds // 2)
-    rows.append(measure(f"2 x batched S={half} (concurrent)", "batched", args, seeds=half,
-                        processes=2))
+    for k in range(args.repeats):
+        pair = measure("2 x plain-torch (concurrent)", "plain", args, processes=2,
+                       frames=args.sweep_frames)
+        sweep = measure(f"2 x batched S={half} (concurrent)", "batched", args, seeds=half,
+                        processes=2, frames=args.sweep_frames)
+        for row in (pair, sweep):
+            row["repeat"] = k
+        sweep["vs_2x_plain"] = sweep["total_sps"] / pair["total_sps"]
+        rows += [pair, sweep]
+    rows.append(measure_sweep(args, 2 * half, args.sweep_frames))
     df = pd.DataFrame(rows)
     raw = df.loc[df.name == "raw gymnasium", "total_sps"].iloc[0]
     plain = df.loc[df.name == "plain-torch PPO", "total_sps"].iloc[0]
     df["vs_plain"] = df["total_sps"] / plain
     df["vs_raw"] = df["total_sps"] / raw
-    pair = df.loc[df.name == "2 x plain-torch (concurrent)", "total_sps"].iloc[0]
-    df["vs_2x_plain"] = df["total_sps"] / pair
+    pairs = df.loc[df.name == "2 x plain-torch (concurrent)", "total_sps"]
+    single = df["repeat"].isna()
+    df.loc[single, "vs_2x_plain"] = df.loc[single, "total_sps"] / pairs.median()
     df["env"], df["variant"] = args.env, args.variant
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     df.to_csv(out, index=False)
     show = df.drop(columns=["env", "variant", "wall_with_startup"])
+    show["repeat"] = show["repeat"].map(lambda r: "" if pd.isna(r) else str(int(r)))
     print(f"total env-steps/s on {args.env}, {args.variant}, {args.frames} frames per seed "
           f"({machine_note()})")
     print(show.to_string(index=False, float_format=lambda x: f"{x:,.2f}" if abs(x) < 10 else f"{x:,.0f}"))
+    sweeps = df[df.name.str.startswith("2 x batched")]
+    print(f"2-worker sweep of {2 * half} seeds vs 2 concurrent plain-torch loops, "
+          f"{args.repeats} interleaved repeats: median {sweeps['total_sps'].median():,.0f} vs "
+          f"{pairs.median():,.0f} env-steps/s; ratio per repeat "
+          f"{', '.join(f'{r:.2f}' for r in sweeps['vs_2x_plain'])}, "
+          f"median {sweeps['vs_2x_plain'].median():.2f}x")
     print(f"written: {out}")
     return df
 
