@@ -13,8 +13,9 @@ Nothing couples seeds. Each seed keeps, as in the reference engine: its initial 
 statistics, its action and Monte-Carlo noise (a generator that continues torch's RNG state
 after that seed's model init, drawing the same shapes the reference draws), its minibatch
 permutation (``Generator().manual_seed(seed)``), advantage normalization per minibatch, Adam
-state (Adam is elementwise, so one Adam on stacked tensors is S independent Adams with the
-same annealed step size), global grad-norm clipping, beta and beta schedule. A seed that
+state (Adam is elementwise, so one Adam on one flat buffer of all stacked parameters is S
+independent Adams with the same annealed step size), global grad-norm clipping, beta and
+beta schedule. A seed that
 diverges is recorded as failed and the others go on.
 
 What differs from the reference: float rounding (batched matmuls), and for
@@ -54,7 +55,7 @@ from klppo_bench.harness.batched_nets import StackedActorCritic, init_seed_model
 from klppo_bench.harness.provenance import provenance
 from klppo_bench.harness.vector_step import stepper_name
 from klppo_bench.harness.train import (EVAL_SEED_OFFSET, RunResult, iteration_row,
-                                       max_episode_steps)
+                                       max_episode_steps, next_eval_frame, set_lr)
 from klppo_bench.store import RunDir
 from klppo_bench.variants import get_variant, load_plugins
 
@@ -182,7 +183,7 @@ def train_batched(cfgs: list[RunConfig], progress: bool | None = None,
     rows = [[] for _ in seeds]
     episodes = [[] for _ in seeds]
     evals = [[] for _ in seeds]
-    frames, next_eval = 0, cfg.eval.every or math.inf
+    frames, next_eval = 0, next_eval_frame(0, cfg.eval.every)
     start = time.perf_counter()
 
     from tqdm.auto import tqdm
@@ -238,9 +239,7 @@ def train_batched(cfgs: list[RunConfig], progress: bool | None = None,
             data["advantage"], data["value_target"] = _gae(
                 nets, data["observation"], next_obs, flat(buf_rew), flat(buf_done),
                 flat(buf_term), gamma, lmbda, S, E, T)
-            if tc.anneal_lr:
-                for group in optim.param_groups:
-                    group["lr"] = tc.lr * (1.0 - it / iterations)
+            set_lr(optim, tc, it, iterations)
 
             # ---- epochs of per-seed shuffled minibatches ----
             stats: dict[str, list[torch.Tensor]] = {}
@@ -315,8 +314,7 @@ def train_batched(cfgs: list[RunConfig], progress: bool | None = None,
                     for k, (ret, length) in enumerate(eps):
                         evals[s].append((frames, k, ret, length))
                     rows[s][-1]["eval_return"] = float(np.mean([r for r, _ in eps]))
-                next_eval = ((frames // cfg.eval.every + 1) * cfg.eval.every
-                             if cfg.eval.every else math.inf)
+                next_eval = next_eval_frame(frames, cfg.eval.every)
             bar.update(tc.steps_per_iter * S)
             if on_iteration is not None:
                 for s in alive():

@@ -67,6 +67,19 @@ class RunResult:
         return cls(metrics, episodes_df, evals_df, summary)
 
 
+def set_lr(optim: torch.optim.Optimizer, tc, it: int, iterations: int) -> None:
+    """Iteration ``it``'s step size: linearly annealed to 0 over the run if ``anneal_lr``."""
+    if tc.anneal_lr:
+        for group in optim.param_groups:
+            group["lr"] = tc.lr * (1.0 - it / iterations)
+
+
+def next_eval_frame(frames: int, every: int) -> float:
+    """The first multiple of ``every`` after ``frames`` (``inf`` if ``every`` is 0: the last
+    iteration evaluates anyway)."""
+    return (frames // every + 1) * every if every else math.inf
+
+
 def iteration_row(it: int, frames: int, new_frames: int, episodes: list[tuple],
                   losses: dict[str, float], *, kl_batch: float, kl_estimate: float,
                   kl_estimate_err_std: float, beta: float, entropy: float, lr: float,
@@ -196,7 +209,7 @@ def train(cfg: RunConfig, progress: bool | None = None,
     )
     eval_max_steps = max_episode_steps(cfg.env)
     rows, episodes, evals = [], [], []
-    frames, next_eval = 0, cfg.eval.every or math.inf
+    frames, next_eval = 0, next_eval_frame(0, cfg.eval.every)
     start = time.perf_counter()
 
     from tqdm.auto import tqdm
@@ -213,9 +226,7 @@ def train(cfg: RunConfig, progress: bool | None = None,
             with torch.no_grad():
                 gae(data)
             flat = data.reshape(-1)
-            if tc.anneal_lr:
-                for group in optim.param_groups:
-                    group["lr"] = tc.lr * (1.0 - it / iterations)
+            set_lr(optim, tc, it, iterations)
             stats: dict[str, list[float]] = {}
             for _ in range(tc.epochs):
                 perm = torch.randperm(flat.numel(), generator=perm_gen).to(device)
@@ -266,7 +277,7 @@ def train(cfg: RunConfig, progress: bool | None = None,
                     evaluate(eval_env, env, models.policy, cfg.eval.episodes, eval_max_steps)
                 ):
                     evals.append((frames, k, ret, length))
-                next_eval = (frames // cfg.eval.every + 1) * cfg.eval.every if cfg.eval.every else math.inf
+                next_eval = next_eval_frame(frames, cfg.eval.every)
                 row["eval_return"] = float(np.mean([e[2] for e in evals if e[0] == frames]))
             rows.append(row)
             bar.update(n_new)

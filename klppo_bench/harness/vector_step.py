@@ -23,6 +23,7 @@ velocity, healthy bonus and control cost (Hopper, Walker2d, HalfCheetah), made b
 
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import Protocol
 
@@ -101,10 +102,14 @@ _LOCOMOTION = {
 }
 
 
+@functools.lru_cache(maxsize=None)
 def fast_stepper_reason(env_id: str) -> str | None:
     """``None`` if :class:`MujocoLocomotionStepper` reproduces ``env_id``, else why not."""
     import gymnasium as gym
 
+    if not gym.__version__.startswith("1."):
+        # the step math below is gymnasium 1.x's; tests/test_vector_step.py checks it
+        return f"gymnasium {gym.__version__}: the direct stepper reproduces gymnasium 1.x"
     try:
         spec = gym.spec(env_id)
     except Exception as e:  # noqa: BLE001 - unknown ids are gymnasium's to report
