@@ -7,9 +7,9 @@ One stepper (:mod:`klppo_bench.harness.vector_step`) holds all ``S x num_envs`` 
 :class:`~klppo_bench.harness.vector_step.MujocoLocomotionStepper`, which skips gymnasium's
 per-step Python. The sub-envs are stepped directly rather than through torchrl's ``GymWrapper``:
 on this machine (Hopper-v5, one core, quiet) the wrapper with the harness's transforms rolls out
-at ~0.16x raw ``env.step`` (``benchmarks/throughput.py``: ``torchrl env`` vs ``raw gymnasium``,
-942 vs 6,020 steps/s), while the vector env costs about the same as a plain loop over the
-sub-envs.
+at ~0.15x raw ``env.step`` (``benchmarks/throughput.py``: ``torchrl env`` vs ``raw gymnasium``,
+1,458 vs 10,003 steps/s on 2026-11-25), while the vector env costs about the same as a plain
+loop over the sub-envs.
 
 What the reference's torchrl transforms do is reproduced per seed, in float64 with the same
 operations (so the statistics are bit-identical for the same observations):
