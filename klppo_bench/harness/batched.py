@@ -15,8 +15,7 @@ after that seed's model init, drawing the same shapes the reference draws), its 
 permutation (``Generator().manual_seed(seed)``), advantage normalization per minibatch, Adam
 state (Adam is elementwise, so one Adam on one flat buffer of all stacked parameters is S
 independent Adams with the same annealed step size), global grad-norm clipping, beta and
-beta schedule. A seed that
-diverges is recorded as failed and the others go on.
+beta schedule. A seed that diverges is recorded as failed and the others go on.
 
 What differs from the reference: float rounding (batched matmuls), and for
 ``num_envs > 1`` the order of observation-statistics merges (see ``batched_env``). Networks
