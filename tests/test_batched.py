@@ -214,12 +214,15 @@ def _deterministic(df: pd.DataFrame) -> pd.DataFrame:
     return df.drop(columns=[c for c in TIMING if c in df.columns])
 
 
-def test_batched_seed_tracks_the_reference_engine_and_has_its_schema():
+@pytest.mark.parametrize("variant,num_envs", [("klpen-adaptive-mc", 1), ("clip", 2)])
+def test_batched_seed_tracks_the_reference_engine_and_has_its_schema(variant, num_envs):
     """Seed 3 in a batch with seed 4 starts from the reference's weights, env states and
     action noise; the first iteration reproduces the reference engine's episodes exactly, and
-    its evaluations (own env seeds, deterministic policy) agree to float rounding."""
-    overrides = {**TINY, "eval.every": TINY["train.steps_per_iter"], "eval.episodes": 2}
-    cfgs = [build_run_config("klpen-adaptive-mc", "Hopper", s, frames=TINY_FRAMES,
+    its evaluations (own env seeds, deterministic policy) agree to float rounding; also with
+    two envs per seed (the reference's gymnasium vector env)."""
+    overrides = {**TINY, "eval.every": TINY["train.steps_per_iter"], "eval.episodes": 2,
+                 "train.num_envs": num_envs}
+    cfgs = [build_run_config(variant, "Hopper", s, frames=TINY_FRAMES,
                              overrides=overrides) for s in (3, 4)]
     batched = train_batched(cfgs, progress=False)
     ref = train(cfgs[0], progress=False)
