@@ -6,7 +6,9 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 ENV    ?=
 SPEC   ?= experiments/bench.yaml
-EXPERIMENT ?= $(basename $(notdir $(SPEC)))
+# the report of a sweep: RESULTS/<the spec's name:> (or RESULTS/EXPERIMENT if EXPERIMENT is set)
+EXPERIMENT ?=
+REPORT_OF = $(if $(EXPERIMENT),$(RESULTS)/$(EXPERIMENT),$(SPEC) --results $(RESULTS))
 RESULTS ?= results
 SEEDS  ?=
 FRAMES ?=
@@ -36,13 +38,13 @@ install: $(BIN)/klppo-bench
 
 bench: install
 	$(BIN)/klppo-bench sweep $(SPEC) $(SWEEP_ARGS)
-	$(BIN)/klppo-bench report $(RESULTS)/$(EXPERIMENT)
+	$(BIN)/klppo-bench report $(REPORT_OF)
 
 sweep: install
 	$(BIN)/klppo-bench sweep $(SPEC) $(SWEEP_ARGS)
 
 report: install
-	$(BIN)/klppo-bench report $(RESULTS)/$(EXPERIMENT)
+	$(BIN)/klppo-bench report $(REPORT_OF)
 
 variants: install
 	$(BIN)/klppo-bench variants

@@ -73,8 +73,16 @@ def _cmd_sweep(args) -> int:
 
 
 def _cmd_report(args) -> int:
+    from pathlib import Path
+
     from klppo_bench.report import main_report
 
+    target = Path(args.experiment)
+    if target.suffix in (".yaml", ".yml") and target.is_file():
+        # a spec: its experiment directory is <results>/<the spec's name:>, as `sweep` writes
+        from klppo_bench.sweep import load_spec
+
+        args.experiment = str(Path(args.results) / load_spec(target).name)
     return main_report(args)
 
 
@@ -132,7 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_sweep)
 
     p = sub.add_parser("report", help="rliable statistics, tables and figures")
-    p.add_argument("experiment", help="results/<experiment>")
+    p.add_argument("experiment", help="results/<experiment>, or the spec that swept it "
+                                      "(experiments/<name>.yaml: reports <--results>/<name:>)")
+    p.add_argument("--results", default="results",
+                   help="results root where a spec's experiment lives (default results/)")
     p.add_argument("--reps", type=int, default=2000, help="bootstrap repetitions")
     p.add_argument("--random-state", type=int, default=0, help="bootstrap random state")
     p.add_argument("--baseline", default="clip", help="setting for probability of improvement")

@@ -161,6 +161,22 @@ def test_grid_experiment_sensitivity_and_table1(tmp_path):
     assert "No shipped reference score for InvertedPendulum" not in md  # CleanRL has it
 
 
+def test_report_of_a_spec_finds_its_experiment_by_name(tiny_experiment, tmp_path, capsys):
+    """``report SPEC --results ROOT`` reports ROOT/<the spec's name:>, whatever the file is
+    called (what ``make bench`` / ``make report`` run)."""
+    spec = tmp_path / "renamed_file.yaml"
+    spec.write_text("name: tiny\nenvs: [Hopper]\nseeds: 1\nframes: 512\n"
+                    "variants:\n  - name: clip\n")
+    out = tmp_path / "out"
+    assert main(["report", str(spec), "--results", str(tiny_experiment.parent), "--reps", "60",
+                 "--random-episodes", str(RANDOM_EPISODES), "--out", str(out)]) == 0
+    assert "report: 5 finished runs" in capsys.readouterr().out
+    assert (out / "report.md").is_file()
+    spec.write_text("name: tiny\nenvs: [Hopper]\nseeds: many\nvariants: [{name: clip}]\n")
+    assert main(["report", str(spec), "--results", str(tiny_experiment.parent)]) == 2
+    assert "seeds" in capsys.readouterr().err
+
+
 def test_report_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys):
     assert main(["report", str(tmp_path / "missing")]) == 2
     err = capsys.readouterr().err.strip()
