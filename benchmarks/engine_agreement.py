@@ -41,7 +41,7 @@ def final_scores(exp_dir: Path, engine: str) -> pd.DataFrame:
     rows = []
     for row in index.itertuples():
         run = RunDir(Path(row.path))
-        ran = (run.status().get("provenance") or {}).get("engine", "reference")
+        ran = (run.status().get("provenance") or {}).get("engine", "an unrecorded")
         if ran != engine:
             raise SystemExit(f"{row.path}: ran on the {ran} engine, expected {engine}")
         summary = run.summary()

@@ -30,8 +30,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from klppo_bench.harness.vector_step import (MujocoLocomotionStepper, fast_stepper_reason,
-                                              make_stepper, make_sub_env)
+from klppo_bench.harness.vector_step import (MujocoLocomotionStepper, make_stepper,
+                                              make_sub_env, use_fast_stepper)
 
 
 class ObsNorm:
@@ -156,7 +156,7 @@ class BatchedEvaluator:
 
     def __init__(self, env_id: str, seeds: list[int], offset: int, obs_clip: float,
                  obs_norm: bool, fast: bool = True):
-        self.fast = fast and fast_stepper_reason(env_id) is None
+        self.fast = use_fast_stepper(env_id, fast)
         if self.fast:
             self.stepper = MujocoLocomotionStepper(env_id, len(seeds))
             for i, seed in enumerate(seeds):

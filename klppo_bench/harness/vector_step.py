@@ -248,14 +248,18 @@ class MujocoLocomotionStepper:
             env.close()
 
 
+def use_fast_stepper(env_id: str, fast: bool = True) -> bool:
+    """Whether ``env_id`` steps through :class:`MujocoLocomotionStepper` (if ``fast``)."""
+    return fast and fast_stepper_reason(env_id) is None
+
+
 def stepper_name(env_id: str, fast: bool = True) -> str:
     """Which stepper :func:`make_stepper` picks for ``env_id`` (recorded in provenance)."""
-    return MujocoLocomotionStepper.name if fast and fast_stepper_reason(env_id) is None \
-        else GymStepper.name
+    return MujocoLocomotionStepper.name if use_fast_stepper(env_id, fast) else GymStepper.name
 
 
 def make_stepper(env_id: str, num_envs: int, fast: bool = True) -> Stepper:
     """The fast stepper where it reproduces ``env_id`` (and ``fast``), else gymnasium's."""
-    if fast and fast_stepper_reason(env_id) is None:
+    if use_fast_stepper(env_id, fast):
         return MujocoLocomotionStepper(env_id, num_envs)
     return GymStepper(env_id, num_envs)
