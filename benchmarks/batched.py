@@ -5,7 +5,7 @@ its own; in the same benchmark run it measures:
 
 * ``raw gymnasium``            -- ``env.step`` with random actions (the ceiling per core);
 * ``plain-torch PPO``          -- :mod:`plain_ppo`, one seed (the yardstick);
-* ``reference engine``         -- :func:`klppo_bench.harness.train.train`, one seed (torchrl);
+* ``reference engine``         -- :func:`klppo_bench.harness.reference.train`, one seed (torchrl);
 * ``batched S=k``              -- :func:`klppo_bench.harness.batched.train_batched` with k seeds;
 * ``2 x plain-torch``          -- two plain-torch loops at once (one per core);
 * ``2 x batched S=k``          -- two batched processes at once (a 2-worker sweep of 2k seeds);
@@ -56,7 +56,7 @@ def _child(args) -> dict:
         frames = run_plain_ppo(args.env, args.frames)["frames"]
     elif args.child == "reference":
         from klppo_bench.config import build_run_config
-        from klppo_bench.harness.train import train
+        from klppo_bench.harness.reference import train
 
         cfg = build_run_config(args.variant, args.env, 0, frames=args.frames, overrides=overrides)
         t0 = time.perf_counter()

@@ -7,7 +7,7 @@ median (min and max beside it):
 * ``torchrl env``      -- the harness's torchrl env (:func:`klppo_bench.harness.env.make_env`,
   transforms included) rolled out with random actions: what the wrapper costs;
 * ``plain-torch PPO``  -- :mod:`plain_ppo`, a minimal PPO loop with the same hyperparameters;
-* ``train <variant>``  -- a full :func:`klppo_bench.harness.train.train` run of every registry
+* ``train <variant>``  -- a full :func:`klppo_bench.harness.reference.train` run of every registry
   variant (the reference engine), env-steps/s from its summary.
 
 Every row gets its ratio to the plain-torch loop and to raw stepping. The table is printed
@@ -73,7 +73,7 @@ def torchrl_env_sps(env_id: str, steps: int, seed: int = 0) -> float:
 def train_sps(variant: str, env_id: str, frames: int, seed: int = 0) -> float:
     """Env-steps/s of one full reference-engine run (its summary's ``sps``)."""
     from klppo_bench.config import build_run_config
-    from klppo_bench.harness.train import train
+    from klppo_bench.harness.reference import train
 
     cfg = build_run_config(variant, env_id, seed, frames=frames,
                            overrides={"eval.every": 0, "eval.episodes": 1})

@@ -31,25 +31,28 @@ def _cmd_variants(args) -> int:
 def _cmd_run(args) -> int:
     from pathlib import Path
 
-    from klppo_bench.config import build_run_config, parse_set_args
+    from klppo_bench.config import build_run_config, frames_note, parse_set_args
     from klppo_bench.harness.run import execute_run
 
     cfg = build_run_config(args.variant, args.env, args.seed, frames=args.frames,
                            device=args.device, overrides=parse_set_args(args.set),
                            plugins=tuple(args.plugin))
-    from klppo_bench.harness.batched import batch_unsupported_reason, execute_batch
+    if frames_note(cfg):
+        print(frames_note(cfg))
+    from klppo_bench.harness.batched import execute_batch
+    from klppo_bench.plan import choose_engine
     from klppo_bench.store import RunDir
 
-    reason = None if args.engine == "reference" else batch_unsupported_reason(cfg)
-    if args.engine == "batched" and reason:
-        raise ConfigError(f"--engine batched: {reason}; allowed: --engine auto or reference")
+    engine, reason = choose_engine(cfg, args.engine)
+    if reason:
+        print(f"reference engine: {reason}")
     done = RunDir(Path(args.out) / "runs" / cfg.run_id())
     if done.state() == "done":  # the same config and seed: the record already exists
         print(f"run {done.run_id} is already done; record: {done.path} "
               "(remove that directory to train it again)")
         return 0
     progress = None if not args.quiet else False
-    if args.engine == "reference" or reason:
+    if engine == "reference":
         run = execute_run(cfg, Path(args.out), progress=progress)
     else:
         (run,) = execute_batch([cfg], Path(args.out), progress=progress)
@@ -112,8 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="results/adhoc",
                    help="experiment directory; the run goes to OUT/runs/<run_id>/")
     p.add_argument("--engine", default="auto", choices=("auto", "batched", "reference"),
-                   help="auto (default): the seed-batched engine where it supports the config "
-                        "(faster), else torchrl's reference engine")
+                   help="auto (default): the batched engine where it can run the variant's "
+                        "loss (faster), else torchrl's reference engine (the reason is printed)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_run)
 
@@ -130,11 +133,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu | cuda | auto")
     p.add_argument("--plugin", action="append", default=[], metavar="MODULE")
     p.add_argument("--engine", default="auto", choices=("auto", "batched", "reference"),
-                   help="batched: the seeds of one config train together in one process; "
-                        "reference: one run per process on torchrl's modules; auto (default): "
-                        "batched wherever supported")
-    p.add_argument("--seeds-per-process", type=int, default=None, metavar="N",
-                   help="cap on the seeds one batched job trains together")
+                   help="batched: lanes (seeds, and settings differing only in hyperparameter "
+                        "values) train together in one process, each through its variant's own "
+                        "loss module; reference: one run per process on torchrl's modules; "
+                        "auto (default): batched wherever it can run the loss")
+    p.add_argument("--seeds-per-process", "--lanes-per-process", type=int, default=None,
+                   metavar="N", dest="seeds_per_process",
+                   help="cap on the lanes one batched job trains together")
     p.add_argument("--dry-run", action="store_true", help="list the runs and which are done")
     p.add_argument("--retry-failed", action="store_true", help="rerun runs recorded as failed")
     p.set_defaults(func=_cmd_sweep)

@@ -93,7 +93,8 @@ class RunConfig:
     seed: int
     """The one seed that fixes networks, environments and minibatch order."""
     frames: int = 1_000_000
-    """Total environment steps."""
+    """Total environment steps requested; a run takes whole iterations, so it really takes
+    :func:`actual_frames` (``frames`` rounded up to a multiple of ``train.steps_per_iter``)."""
     device: str = "cpu"
     """Torch device of networks and updates (resolved: cpu, cuda, cuda:N)."""
     loss: dict = field(default_factory=dict)
@@ -151,6 +152,27 @@ class RunConfig:
             )
         if self.model.trunk == "separate" and self.model.wiring != "operator":
             raise ConfigError("model.wiring applies to model.trunk=shared only")
+
+
+def actual_frames(cfg: RunConfig) -> int:
+    """The environment steps a run really takes: ``frames`` rounded up to whole iterations
+    of ``train.steps_per_iter`` (20000 at 2048 per iteration -> 20480).
+
+    ``cfg.frames`` stays as requested (the run id hashes it); this is computed, never stored
+    in the config. The run's ``summary.json`` records both (``frames_requested``,
+    ``frames_actual``).
+    """
+    steps = cfg.train.steps_per_iter
+    return -(-cfg.frames // steps) * steps
+
+
+def frames_note(cfg: RunConfig) -> str | None:
+    """``frames 20000 (runs 20480: whole iterations of 2048)``, or ``None`` when they agree."""
+    actual = actual_frames(cfg)
+    if actual == cfg.frames:
+        return None
+    return (f"frames {cfg.frames} (runs {actual}: whole iterations of "
+            f"{cfg.train.steps_per_iter})")
 
 
 def _field_param(section: str, f: dataclasses.Field, current: Any) -> Param:

@@ -16,10 +16,15 @@ name. ``status.json`` is written last with ``done``: a run is complete exactly w
 status says so, and readers ignore every other run. A run found ``running`` with no live
 writer was interrupted; it is restarted from scratch (its stale files are removed first).
 Each run directory has one writer; nothing is shared between processes.
+
+Readers never let one damaged record hide the others: :func:`scan_runs` and
+:func:`load_tables` return the runs they could not read (file and error, as
+:class:`Unreadable`) beside what they read.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
@@ -27,6 +32,7 @@ import os
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -128,8 +134,18 @@ class RunDir:
                            yaml.safe_dump(config, sort_keys=False).encode())
 
     def finish(self, tables: dict[str, pd.DataFrame], summary: dict, **fields: Any) -> None:
+        """Write the tables and the summary, then mark the run ``done``.
+
+        The summary gains ``frames_requested`` (the config's ``frames``) and
+        ``frames_actual`` (its ``frames``: what ran, rounded up to whole iterations).
+        """
         for name, df in tables.items():
             atomic_write_parquet(self.path / f"{name}.parquet", df)
+        summary = dict(summary)
+        if "frames" in summary:
+            summary.setdefault("frames_actual", summary["frames"])
+            with contextlib.suppress(FileNotFoundError, yaml.YAMLError, TypeError, KeyError):
+                summary.setdefault("frames_requested", self.config()["frames"])
         atomic_write_json(self.path / "summary.json", summary)
         self.set_status("done", **fields)
 
@@ -154,16 +170,72 @@ def _flat_params(loss: dict) -> str:
     return ",".join(f"{k}={loss[k]}" for k in sorted(loss))
 
 
-def run_index(exp_dir: Path | str, states: Iterable[str] = STATES) -> pd.DataFrame:
-    """One row per run directory: run_id, state, env, variant, params, seed, error."""
-    rows = []
+@dataclass(frozen=True)
+class Unreadable:
+    """A run record that could not be read: the file and why, in one line."""
+    run_id: str
+    path: str
+    error: str
+
+
+def error_line(err: BaseException, limit: int = 240) -> str:
+    """``"ArrowInvalid: Parquet magic bytes not found ..."``: the error's type and message on
+    one line, at most ``limit`` characters."""
+    text = " ".join(str(err).split()) or "(no message)"
+    text = f"{type(err).__name__}: {text}"
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+CONFIG_KEYS = ("env", "variant", "seed")
+INDEX_COLUMNS = ["run_id", "state", "env", "variant", "setting", "params", "seed", "error",
+                 "engine", "path"]
+
+
+def _read_status(path: Path) -> dict:
+    status = json.loads(path.read_text())
+    if not isinstance(status, dict) or status.get("state") not in STATES:
+        state = status.get("state") if isinstance(status, dict) else type(status).__name__
+        raise ValueError(f"state {state!r}; allowed: {', '.join(STATES)}")
+    return status
+
+
+def _read_config(path: Path) -> dict:
+    cfg = yaml.safe_load(path.read_text())
+    if not isinstance(cfg, dict):
+        raise ValueError(f"a {type(cfg).__name__}, not a mapping")
+    missing = [k for k in CONFIG_KEYS if k not in cfg]
+    if missing:
+        raise ValueError(f"missing keys: {', '.join(missing)}")
+    if not isinstance(cfg.get("loss") or {}, dict):
+        raise ValueError("loss is not a mapping")
+    if not (isinstance(cfg["env"], str) and isinstance(cfg["variant"], str)
+            and isinstance(cfg["seed"], int)):
+        raise ValueError(f"env={cfg['env']!r}, variant={cfg['variant']!r}, seed={cfg['seed']!r}; "
+                         f"allowed: env and variant strings, an integer seed")
+    return cfg
+
+
+def scan_runs(exp_dir: Path | str, states: Iterable[str] = STATES
+              ) -> tuple[pd.DataFrame, list[Unreadable]]:
+    """``(index, unreadable)``: one index row per run in ``states`` (see :func:`run_index`),
+    and every run whose ``status.json`` or ``config.yaml`` is missing, not JSON / YAML, or
+    lacks what the index needs (its state is then unknown, so it is listed whatever
+    ``states`` asks for)."""
+    rows, unreadable = [], []
     for run in experiment_runs(exp_dir):
-        status = run.status()
-        if status is None or status.get("state") not in states:
-            continue
+        path = run.path / "status.json"
         try:
-            cfg = run.config()
-        except (FileNotFoundError, yaml.YAMLError):
+            status = _read_status(path)
+        except Exception as err:  # any damage to one record must not hide the others
+            unreadable.append(Unreadable(run.run_id, str(path), error_line(err)))
+            continue
+        if status["state"] not in states:
+            continue
+        path = run.path / "config.yaml"
+        try:
+            cfg = _read_config(path)
+        except Exception as err:
+            unreadable.append(Unreadable(run.run_id, str(path), error_line(err)))
             continue
         rows.append({
             "run_id": run.run_id,
@@ -171,37 +243,84 @@ def run_index(exp_dir: Path | str, states: Iterable[str] = STATES) -> pd.DataFra
             "env": cfg["env"],
             "variant": cfg["variant"],
             "setting": status.get("setting") or cfg["variant"],
-            "params": _flat_params(cfg.get("loss", {})),
+            "params": _flat_params(cfg.get("loss") or {}),
             "seed": cfg["seed"],
             "error": status.get("error"),
+            "engine": (status.get("provenance") or {}).get("engine"),
             "path": str(run.path),
         })
-    return pd.DataFrame(rows, columns=["run_id", "state", "env", "variant", "setting", "params",
-                                       "seed", "error", "path"])
+    return pd.DataFrame(rows, columns=INDEX_COLUMNS), unreadable
+
+
+def run_index(exp_dir: Path | str, states: Iterable[str] = STATES) -> pd.DataFrame:
+    """One row per run directory: run_id, state, env, variant, setting, params, seed, error,
+    engine (``provenance.engine`` of its status; None where unrecorded), path. Runs whose
+    status or config cannot be read are left out; :func:`scan_runs` lists them."""
+    return scan_runs(exp_dir, states)[0]
+
+
+LONG_COLUMNS = ["run_id", "env", "variant", "setting", "params", "seed", "frames", "metric",
+                "value"]
+
+
+def _long(df: pd.DataFrame, row) -> pd.DataFrame:
+    id_cols = ["frames"] + (["episode"] if "episode" in df.columns else [])
+    value_cols = [c for c in df.columns if c not in id_cols]
+    long = df.melt(id_vars=id_cols, value_vars=value_cols, var_name="metric",
+                   value_name="value")
+    for col in ("run_id", "env", "variant", "setting", "params", "seed"):
+        long[col] = getattr(row, col)
+    return long
+
+
+def _concat_long(frames: list[pd.DataFrame]) -> pd.DataFrame:
+    if not frames:
+        return pd.DataFrame(columns=LONG_COLUMNS)
+    out = pd.concat(frames, ignore_index=True)
+    return out[LONG_COLUMNS + [c for c in out.columns if c not in LONG_COLUMNS]]
+
+
+def read_table(path: Path | str, required: Iterable[str] = ("frames",)) -> pd.DataFrame:
+    """One run table; ValueError when a ``required`` column is missing or it has no row."""
+    df = pd.read_parquet(path)
+    missing = [c for c in required if c not in df.columns]
+    if missing:
+        raise ValueError(f"missing columns: {', '.join(missing)} (has: "
+                         f"{', '.join(map(str, df.columns)) or 'none'})")
+    if df.empty:
+        raise ValueError("no rows")
+    return df
+
+
+def load_tables(index: pd.DataFrame, table: str = "metrics",
+                required: Iterable[str] = ("frames",)
+                ) -> tuple[pd.DataFrame, list[Unreadable]]:
+    """``(long, unreadable)``: ``table`` of every run in ``index`` (rows of :func:`run_index`)
+    in :func:`load_experiment`'s long format, and the runs whose table is missing, not parquet,
+    empty or lacks a ``required`` column (left out of ``long``)."""
+    frames, unreadable = [], []
+    required = tuple(required)
+    for row in index.itertuples():
+        path = Path(row.path) / f"{table}.parquet"
+        try:
+            df = read_table(path, required)
+        except Exception as err:  # a damaged table is reported, not fatal to the others
+            unreadable.append(Unreadable(row.run_id, str(path), error_line(err)))
+            continue
+        frames.append(_long(df, row))
+    return _concat_long(frames), unreadable
 
 
 def load_experiment(exp_dir: Path | str, table: str = "metrics") -> pd.DataFrame:
     """Long-format DataFrame of every *done* run of an experiment.
 
     Columns: run_id, env, variant, setting, params, seed, frames, metric, value. Runs that are
-    not done (running, failed, interrupted) are ignored; :func:`run_index` lists them.
+    not done (running, failed, interrupted) are ignored; :func:`run_index` lists them. A table
+    that cannot be read raises; :func:`load_tables` lists such runs instead.
     """
     index = run_index(exp_dir, states=("done",))
-    frames = []
-    for row in index.itertuples():
-        df = pd.read_parquet(Path(row.path) / f"{table}.parquet")
-        id_cols = ["frames"] + (["episode"] if "episode" in df.columns else [])
-        value_cols = [c for c in df.columns if c not in id_cols]
-        long = df.melt(id_vars=id_cols, value_vars=value_cols, var_name="metric",
-                       value_name="value")
-        for col in ("run_id", "env", "variant", "setting", "params", "seed"):
-            long[col] = getattr(row, col)
-        frames.append(long)
-    cols = ["run_id", "env", "variant", "setting", "params", "seed", "frames", "metric", "value"]
-    if not frames:
-        return pd.DataFrame(columns=cols)
-    out = pd.concat(frames, ignore_index=True)
-    return out[cols + [c for c in out.columns if c not in cols]]
+    return _concat_long([_long(pd.read_parquet(Path(row.path) / f"{table}.parquet"), row)
+                         for row in index.itertuples()])
 
 
 def remove_run(run: RunDir) -> None:

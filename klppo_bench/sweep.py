@@ -7,7 +7,7 @@ A spec (``experiments/*.yaml``)::
     envs: [Hopper]                 # gymnasium ids or families (Hopper -> Hopper-v5)
     seeds: 10                      # a count (seeds 0..9) or a list of seeds
     frames: 1000000
-    variants:
+    variants:                      # short form: [clip, klpen-fixed] (names at their defaults)
       - name: clip                 # a registry name, at its defaults
       - name: klpen-adaptive
         params:                    # a scalar fixes a parameter, a list is a grid axis
@@ -19,7 +19,8 @@ A spec (``experiments/*.yaml``)::
     train: {steps_per_iter: 2048}  # fixed harness overrides (the keys of --set train.x=...)
     model: {hidden: [64, 64]}
     eval: {every: 50000}
-    plugins: [my_package.variants] # modules that register user variants
+    plugins: [my_package.variants] # modules (or .py paths, relative to this file's folder)
+                                   # that register user variants
 
 Every run is validated with :func:`~klppo_bench.config.build_run_config` before anything is
 written, so a bad value anywhere in a grid fails up front. A run's *setting* label is the
@@ -47,11 +48,14 @@ from klppo_bench.config import (
     SECTIONS,
     RunConfig,
     build_run_config,
+    frames_note,
     resolve_env_id,
     set_section_value,
 )
 from klppo_bench.errors import ConfigError
+from klppo_bench.plan import ENGINES, MAX_LANES_PER_PROCESS, plan_jobs  # noqa: F401
 from klppo_bench.variants import get_variant, load_plugins
+from klppo_bench.variants.registry import plugin_target
 
 TOP_KEYS = ("name", "description", "envs", "seeds", "frames", "variants", "train", "model",
             "eval", "plugins")
@@ -148,6 +152,10 @@ def _frames(raw: Any, where: str) -> int:
 
 
 def _variant_entry(raw: Any, where: str) -> dict:
+    if isinstance(raw, str):  # the short form: a plain name, at the variant's defaults
+        raw = {"name": raw}
+    elif not isinstance(raw, dict):
+        raise _bad(where, raw, "a variant name or a mapping with keys " + ", ".join(VARIANT_KEYS))
     entry = _check_keys(raw, VARIANT_KEYS, where)
     if "name" not in entry:
         raise ConfigError(f"{where}: missing key 'name'; allowed: a registered variant name")
@@ -207,9 +215,13 @@ def load_spec(path: str | Path, envs: list[str] | None = None, seeds: int | None
         raise _bad(f"{where}: description", description, "a string")
     spec_plugins = spec.get("plugins", [])
     if not isinstance(spec_plugins, list) or not all(isinstance(p, str) for p in spec_plugins):
-        raise _bad(f"{where}: plugins", spec_plugins, "a list of module names")
+        raise _bad(f"{where}: plugins", spec_plugins,
+                   "a list of .py paths (relative to the spec's folder) or module names")
+    # the spec's paths are relative to its own folder; --plugin paths to the current directory
+    load_plugins(spec_plugins, where=f"{where}: plugins:", base=path.parent)
+    load_plugins(plugins)
+    spec_plugins = [plugin_target(p, base=path.parent) for p in spec_plugins]
     all_plugins = tuple(dict.fromkeys([*spec_plugins, *plugins]))
-    load_plugins(all_plugins)
 
     if envs:
         env_ids = [resolve_env_id(e, where="--env") for e in envs]
@@ -244,7 +256,8 @@ def load_spec(path: str | Path, envs: list[str] | None = None, seeds: int | None
     raw_variants = spec.get("variants")
     if not isinstance(raw_variants, list) or not raw_variants:
         raise _bad(f"{where}: variants", raw_variants,
-                   "a non-empty list of {name: <variant>, params: {...}} entries"
+                   "a non-empty list of variant names or {name: <variant>, params: {...}} "
+                   "entries"
                    + (" (empty grid)" if raw_variants == [] else ""))
     variants = [_variant_entry(e, f"{where}: variants[{i}]") for i, e in enumerate(raw_variants)]
     return Spec(path=path, name=name, envs=list(dict.fromkeys(env_ids)), seeds=seed_list,
@@ -357,8 +370,8 @@ def _check_args(args) -> None:
     if args.workers is not None and args.workers < 1:
         raise _bad("--workers", args.workers, "int >= 1")
     spp = getattr(args, "seeds_per_process", None)
-    if spp is not None and not 1 <= spp <= MAX_SEEDS_PER_PROCESS:
-        raise _bad("--seeds-per-process", spp, f"int from 1 to {MAX_SEEDS_PER_PROCESS}")
+    if spp is not None and not 1 <= spp <= MAX_LANES_PER_PROCESS:
+        raise _bad("--seeds-per-process", spp, f"int from 1 to {MAX_LANES_PER_PROCESS}")
     if args.ray_address and args.backend != "ray":
         raise ConfigError("--ray-address applies to --backend ray only; allowed: --backend ray")
     if args.backend == "ray":
@@ -370,6 +383,9 @@ def _check_args(args) -> None:
 
 
 def _print_plan(runs: list[PlannedRun], states: dict[str, str], retry_failed: bool) -> None:
+    for note in dict.fromkeys(frames_note(r.config) for r in runs):
+        if note:
+            print(note)
     width = max(len(r.setting) for r in runs)
     for r in runs:
         state = states[r.run_id]
@@ -405,6 +421,7 @@ def main_sweep(args) -> int:
     if args.dry_run:
         states = {r.run_id: run_state(exp_dir, r.run_id) for r in runs}
         _print_plan(runs, states, args.retry_failed)
+        _print_jobs(runs, args)
         todo = sum(needs_run(s, args.retry_failed) for s in states.values())
         print(f"{len(runs)} runs in {exp_dir}: {len(runs) - todo} skipped, {todo} to run "
               "(dry run: nothing written)")
@@ -425,52 +442,22 @@ def main_sweep(args) -> int:
     return _finish(spec.name, runs, exp_dir, ran=len(todo))
 
 
-ENGINES = ("auto", "batched", "reference")
-MAX_SEEDS_PER_PROCESS = 32
+def _print_reasons(reasons: dict[str, str]) -> None:
+    for setting, reason in reasons.items():
+        print(f"{setting}: reference engine: {reason}")
 
 
-def plan_jobs(todo: list[PlannedRun], engine: str = "auto", seeds_per_process: int | None = None,
-              workers: int = 1) -> list[list[dict]]:
-    """Group runs into jobs: the seeds of one configuration train together where possible.
+def _print_jobs(runs: list[PlannedRun], args) -> None:
+    from klppo_bench.backends import default_workers
+    from klppo_bench.plan import describe_job
 
-    ``engine``: ``reference`` -- one run per job on the torchrl engine; ``batched`` -- every
-    run on the seed-batched engine (an error for a config it cannot batch); ``auto`` -- the
-    batched engine wherever it supports the config (it is faster even for one seed: see
-    README), else the reference engine. Runs that differ only by seed form a group; a group
-    is split evenly into jobs of at most ``seeds_per_process`` seeds, by default the largest
-    size that still gives every worker a job (at most 32).
-    """
-    from klppo_bench.harness.batched import batch_unsupported_reason
-
-    if engine not in ENGINES:
-        raise ConfigError(f"--engine {engine!r}: allowed: {', '.join(ENGINES)}")
-    groups: dict[str, list[PlannedRun]] = {}
-    single: list[PlannedRun] = []
-    for run in todo:
-        reason = None if engine == "reference" else batch_unsupported_reason(run.config)
-        if engine == "batched" and reason:
-            raise ConfigError(f"--engine batched: {run.setting} on {run.config.env}: {reason}; "
-                              "allowed: --engine auto or reference")
-        if engine == "reference" or reason:
-            single.append(run)
-            continue
-        key = dict(run.config.to_dict(), seed=None)
-        groups.setdefault(repr(sorted(key.items())) + run.setting, []).append(run)
-    sizes = [len(g) for g in groups.values()]
-    size = seeds_per_process
-    if size is None:
-        size = 1
-        for n in range(min(max(sizes, default=1), MAX_SEEDS_PER_PROCESS), 0, -1):
-            if sum(-(-g // n) for g in sizes) + len(single) >= workers:
-                size = n
-                break
-    jobs = []
-    for group in groups.values():  # ceil(g / size) jobs whose sizes differ by at most one
-        k = -(-len(group) // size)
-        bounds = [len(group) * i // k for i in range(k + 1)]
-        jobs += [[dict(r.job_entry(), engine="batched", run_id=r.run_id)
-                  for r in group[a:b]] for a, b in zip(bounds, bounds[1:])]
-    return jobs + [[dict(r.job_entry(), engine="reference", run_id=r.run_id)] for r in single]
+    jobs, reasons = plan_jobs(runs, getattr(args, "engine", "auto"),
+                              getattr(args, "seeds_per_process", None),
+                              args.workers or default_workers())
+    _print_reasons(reasons)
+    print(f"{len(jobs)} jobs:")
+    for i, job in enumerate(jobs):
+        print(f"  job {i + 1:<3} {describe_job(job)}")
 
 
 def _execute(runs: list[PlannedRun], todo: list[PlannedRun], exp_dir: Path, args) -> None:
@@ -482,10 +469,11 @@ def _execute(runs: list[PlannedRun], todo: list[PlannedRun], exp_dir: Path, args
     # whole original batch again and writes only the missing seeds, because the batch size S
     # changes float rounding: resumed runs get the bits of an uninterrupted sweep.
     todo_ids = {r.run_id for r in todo}
-    jobs = [[dict(e, write=e["run_id"] in todo_ids) for e in job]
-            for job in plan_jobs(runs, getattr(args, "engine", "auto"),
+    planned, reasons = plan_jobs(runs, getattr(args, "engine", "auto"),
                                  getattr(args, "seeds_per_process", None),
-                                 args.workers or default_workers())]
+                                 args.workers or default_workers())
+    _print_reasons(reasons)
+    jobs = [[dict(e, write=e["run_id"] in todo_ids) for e in job] for job in planned]
     jobs = [job for job in jobs if any(e["write"] for e in job)]
     workers = min(args.workers or default_workers(), len(jobs))
     progress = SweepProgress(todo, workers)
@@ -494,7 +482,7 @@ def _execute(runs: list[PlannedRun], todo: list[PlannedRun], exp_dir: Path, args
                            on_event=progress.on_event if progress.live else None)
     batched = sum(e["write"] for j in jobs if j[0]["engine"] == "batched" for e in j)
     progress.start(f"{args.backend} backend, {workers} worker{'s' * (workers > 1)}, "
-                   f"{len(jobs)} jobs ({batched} of {len(todo)} runs seed-batched)")
+                   f"{len(jobs)} jobs ({batched} of {len(todo)} runs on the batched engine)")
     try:
         for status in backend.run(jobs):
             progress.on_status(status)

@@ -21,3 +21,17 @@ TINY_FRAMES = 512
 @pytest.fixture
 def tiny():
     return dict(TINY)
+
+
+@pytest.fixture
+def fresh_registry(monkeypatch):
+    """The variant registry as it is now (built-ins registered), restored after the test:
+    variants, their sources, loaded plugins, entry-point state and warnings shown."""
+    from klppo_bench.variants import registry
+
+    registry.all_variants()
+    for name in ("_REGISTRY", "_SOURCES", "_LOADED_PLUGINS"):
+        monkeypatch.setattr(registry, name, type(getattr(registry, name))(getattr(registry, name)))
+    monkeypatch.setattr(registry, "_WARNED", set())
+    monkeypatch.setattr(registry, "_ENTRY_POINTS_LOADED", registry._ENTRY_POINTS_LOADED)
+    return registry

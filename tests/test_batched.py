@@ -1,9 +1,11 @@
-"""The seed-batched engine: torchrl's loss math per seed, GAE, observation statistics, and
-run records that the store cannot tell from the reference engine's."""
+"""The batched engine: each variant's own loss module run for all lanes at once (checked
+against the module applied to each lane's own networks), GAE, observation statistics, and run
+records that the store cannot tell from the reference engine's."""
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -14,32 +16,33 @@ from torchrl.objectives.value import GAE
 
 from klppo_bench.config import build_run_config
 from klppo_bench.harness.batched import (
-    after_iteration,
-    _flatten_parameters,
-    _gae,
     batch_unsupported_reason,
+    build_lanes,
     check_batch,
     execute_batch,
+    lane_key,
     train_batched,
 )
-from klppo_bench.harness.batched_env import ObsNorm
-from klppo_bench.harness.batched_loss import batched_loss, kl_per_sample, loss_spec
-from klppo_bench.harness.batched_nets import (
+from klppo_bench.harness.batched.envs import ObsNorm
+from klppo_bench.harness.batched.engine import _gae
+from klppo_bench.harness.batched.nets import (
     StackedActorCritic,
     init_seed_models,
     reference_parameters,
 )
+from klppo_bench.harness.batched.optim import LaneAdam, flatten_parameters
 from klppo_bench.harness.env import RunningObsNorm
 from klppo_bench.harness.run import execute_run
-from klppo_bench.harness.train import loss_kl_estimate, train
+from klppo_bench.harness.reference import loss_kl_estimate, train
 from klppo_bench.store import RunDir, load_experiment
-from klppo_bench.variants import all_variants, get_variant
+from klppo_bench.variants import all_variants, get_variant, load_plugins
 
 from tests.conftest import TINY, TINY_FRAMES
 
+EXAMPLE = str(Path(__file__).resolve().parent.parent / "examples" / "dual_clip.py")
 TIMING = ["update_seconds", "wall_seconds", "sps"]
-HARNESS_KEYS = ("loss_objective", "loss_critic", "loss_entropy", "kl", "kl_approx",
-                "clip_fraction", "explained_variance", "entropy")
+LOGGED = ("loss_objective", "loss_critic", "loss_entropy", "kl", "kl_approx",
+          "clip_fraction", "explained_variance", "entropy", "dual_clip_fraction")
 OBS, ACT, B, SEEDS = 11, 3, 64, (0, 1, 2)
 # per call: how far the behaviour policy is from the current one (KL well above, below,
 # near and above dtarg = 0.01, so an adaptive beta grows and shrinks)
@@ -47,26 +50,37 @@ OFFSETS = (0.3, 0.005, 0.08, 0.4, 0.002)
 
 
 def _cases():
+    load_plugins((EXAMPLE,))
     for name, v in all_variants().items():
         if v.beta_rule == "adaptive":
             for schedule in ("minibatch", "iteration"):
-                yield pytest.param(name, {"beta_schedule": schedule}, id=f"{name}-{schedule}")
-        else:
-            yield pytest.param(name, {}, id=name)
+                yield pytest.param(name, {"beta_schedule": schedule}, None,
+                                   id=f"{name}-{schedule}")
+        elif not name.startswith(("nan-", "kill-")):
+            yield pytest.param(name, {}, None, id=name)
     yield pytest.param("clip", {"entropy_bonus": "true", "entropy_coeff": 0.01,
                                 "loss_critic_type": "smooth_l1", "critic_coeff": 0.5,
-                                "normalize_advantage": "false", "clip_epsilon": 0.1},
+                                "normalize_advantage": "false", "clip_epsilon": 0.1}, None,
                        id="clip-options")
     yield pytest.param("klpen-fixed-mc", {"samples_mc_kl": 4, "entropy_bonus": "true",
-                                          "loss_critic_type": "l1", "beta": 3.0},
+                                          "loss_critic_type": "l1", "beta": 3.0}, None,
                        id="klpen-fixed-mc-options")
     yield pytest.param("klpen-adaptive", {"critic_coeff": 0.0, "beta_schedule": "minibatch",
                                           "increment": 1.5, "decrement": 0.75, "dtarg": 0.03},
-                       id="klpen-adaptive-nocritic")
+                       None, id="klpen-adaptive-nocritic")
+    # lanes that differ in hyperparameters as well as seeds
+    yield pytest.param("klpen-adaptive-mc", {"beta_schedule": "minibatch"},
+                       [{"dtarg": 0.003, "increment": 1.5, "beta": 0.5},
+                        {"dtarg": 0.01, "increment": 2.0, "beta": 1.0},
+                        {"dtarg": 0.03, "increment": 3.0, "beta": 2.0}], id="klpen-mc-lanes")
+    yield pytest.param("dual-clip", {}, [{"clip_epsilon": 0.1, "dual_clip_c": 1.5},
+                                         {"clip_epsilon": 0.2, "dual_clip_c": 3.0},
+                                         {"clip_epsilon": 0.3, "dual_clip_c": 2.0}],
+                       id="dual-clip-lanes")
 
 
-def _data(nets: StackedActorCritic, offset: float, gen: torch.Generator) -> dict:
-    """Batch for S seeds whose behaviour policy is ``offset`` away from the current one."""
+def _data(nets: StackedActorCritic, offset: float, gen: torch.Generator, key) -> TensorDict:
+    """Batch for every lane whose behaviour policy is ``offset`` away from the current one."""
     S = nets.seeds
     obs = torch.randn(S, B, OBS, generator=gen)
     with torch.no_grad():
@@ -75,99 +89,95 @@ def _data(nets: StackedActorCritic, offset: float, gen: torch.Generator) -> dict
     old_scale = scale * torch.exp(offset * torch.randn(S, 1, ACT, generator=gen)).expand(S, B, ACT)
     action = old_loc + old_scale * torch.randn(S, B, ACT, generator=gen)
     log_prob = torch.distributions.Normal(old_loc, old_scale).log_prob(action).sum(-1)
-    return {"observation": obs, "action": action, "log_prob": log_prob, "loc": old_loc,
-            "scale": old_scale, "advantage": torch.randn(S, B, 1, generator=gen),
-            "value_target": torch.randn(S, B, 1, generator=gen)}
+    return TensorDict({"observation": obs, "action": action, key: log_prob, "loc": old_loc,
+                       "scale": old_scale, "advantage": torch.randn(S, B, 1, generator=gen),
+                       "value_target": torch.randn(S, B, 1, generator=gen)}, [S, B])
 
 
-def _td(data: dict, s: int, log_prob_key) -> TensorDict:
-    return TensorDict({"observation": data["observation"][s], "action": data["action"][s],
-                       log_prob_key: data["log_prob"][s], "loc": data["loc"][s],
-                       "scale": data["scale"][s], "advantage": data["advantage"][s],
-                       "value_target": data["value_target"][s]}, batch_size=[B])
+def _total(out) -> torch.Tensor:
+    return sum(out[k] for k in out.keys() if isinstance(k, str) and k.startswith("loss_"))
 
 
-def _mc_noise(spec, call: int) -> torch.Tensor | None:
-    """The standard-normal draws torchrl makes for seed s in call ``call`` after
-    ``torch.manual_seed(100 * call + s)``."""
-    if spec.objective != "klpen" or spec.analytic_kl:
-        return None
-    out = []
-    for s in range(len(SEEDS)):
-        torch.manual_seed(100 * call + s)
-        out.append(torch.randn(spec.samples_mc_kl, B, ACT))
-    return torch.stack(out)
-
-
-@pytest.mark.parametrize("variant,overrides", list(_cases()))
-def test_batched_loss_equals_torchrl_loss(variant, overrides):
-    """Same weights and data: equal loss values, KL, beta trajectory and gradients per seed."""
-    cfg = build_run_config(variant, "Hopper", 0, overrides=overrides)
+@pytest.mark.parametrize("variant,overrides,lanes", list(_cases()))
+def test_lanes_equal_each_runs_own_loss_module(variant, overrides, lanes):
+    """The batched engine's vmapped call and the variant's loss module applied to each lane's
+    own networks, fed the same minibatches: equal losses, KL, beta trajectories (the beta
+    schedule's hooks, both schedules) and gradients per lane; Monte-Carlo lanes make the
+    draws their reference run makes, from their own streams."""
+    load_plugins((EXAMPLE,))
+    lanes = lanes or [{} for _ in SEEDS]
+    cfgs = [build_run_config(variant, "Hopper", s, overrides={**overrides, **extra},
+                             plugins=(EXAMPLE,)) for s, extra in zip(SEEDS, lanes)]
+    check_batch(cfgs)
+    assert len({lane_key(c) for c in cfgs}) == 1, "these lanes share one job"
+    assert batch_unsupported_reason(cfgs[0]) is None
     v = get_variant(variant)
-    reason = batch_unsupported_reason(cfg)
-    if v.loss_class.__module__.startswith("torchrl."):
-        assert reason is None, reason
-    elif reason:
-        pytest.skip(f"a plugin variant the batched engine refuses: {reason}")
-    models = [init_seed_models(OBS, ACT, cfg.model, v.distribution_class, s)[0] for s in SEEDS]
-    losses = [v.build_loss(m.loss_actor, m.loss_critic, cfg.loss) for m in models]
-    spec = loss_spec(losses[0], v.distribution_class)
-    assert spec.analytic_kl == (v.kl_estimator != "monte-carlo")
-    nets = StackedActorCritic.from_models(models, cfg.model)
+    gens = [torch.Generator().manual_seed(1000 + s) for s in SEEDS]
+    nets, lane_loss, _ = build_lanes(cfgs, OBS, ACT, torch.device("cpu"), gens)
+    models = [init_seed_models(OBS, ACT, c.model, v.distribution_class, c.seed)[0] for c in cfgs]
+    losses = [v.build_loss(m.loss_actor, m.loss_critic, c.loss) for m, c in zip(models, cfgs)]
     ref_params = [reference_parameters(m) for m in models]
     stacked = nets.ordered_parameters()
-    beta = torch.full((len(SEEDS),), spec.beta if spec.beta is not None else math.nan)
-    gen = torch.Generator().manual_seed(7)
+    schedule = v.beta_schedule(cfgs[0].loss)
+    beta = lane_loss.buffer(schedule.buffer) if schedule.buffer else None
     key = losses[0].tensor_keys.sample_log_prob
+    gen = torch.Generator().manual_seed(7)
     betas = []
     for call, offset in enumerate(OFFSETS):
-        data = _data(nets, offset, gen)
-        out = batched_loss(spec, nets, data, beta if spec.objective == "klpen" else None,
-                           _mc_noise(spec, call))
-        grads = torch.autograd.grad(out["total"].sum(), stacked, allow_unused=True)
-        for s, (loss, params) in enumerate(zip(losses, ref_params)):
-            torch.manual_seed(100 * call + s)
-            ref = loss(_td(data, s, key))
-            total = sum(val for k, val in ref.items() if k.startswith("loss_"))
+        data = _data(nets, offset, gen, key)
+        states = [g.get_state() for g in gens]
+        out = lane_loss(data)
+        if beta is not None:
+            for s, c in enumerate(cfgs):
+                schedule.after_loss(beta[s], float(out["kl"][s].mean()), c.loss)
+        grads = torch.autograd.grad(_total(out).sum(), stacked, allow_unused=True)
+        for s, (loss, params, c) in enumerate(zip(losses, ref_params, cfgs)):
+            torch.set_rng_state(states[s])  # the lane's stream as the reference's global one
+            ref = loss(data[s])
+            if beta is not None:
+                schedule.after_loss(loss.beta, float(ref["kl"].mean()), c.loss)
+            total = _total(ref)
             ref_grads = torch.autograd.grad(total, params, allow_unused=True)
-            keys = [k for k in HARNESS_KEYS if k in ref.keys()]
-            assert sorted(keys) == sorted(k for k in HARNESS_KEYS if k in out)
+            keys = [k for k in LOGGED if k in ref.keys()]
+            assert keys and sorted(keys) == sorted(k for k in LOGGED if k in out.keys())
             for k in keys:
-                torch.testing.assert_close(out[k][s], ref[k].detach().mean(), rtol=1e-4,
-                                           atol=1e-6, msg=f"{k} seed {s} call {call}")
-            torch.testing.assert_close(out["total"][s], total.detach(), rtol=1e-4, atol=1e-6)
-            if spec.objective == "klpen":
-                assert float(beta[s]) == float(loss.beta), f"beta seed {s} call {call}"
+                torch.testing.assert_close(out[k][s].mean(), ref[k].detach().mean(), rtol=1e-5,
+                                           atol=1e-6, msg=f"{k} lane {s} call {call}")
+            torch.testing.assert_close(_total(out)[s], total.detach(), rtol=1e-5, atol=1e-6)
+            if beta is not None:
+                assert float(beta[s]) == float(loss.beta), f"beta lane {s} call {call}"
             for i, (g, rg) in enumerate(zip(grads, ref_grads)):
                 if rg is None:
                     assert g is None or not g[s].any(), f"param {i}"
                     continue
                 torch.testing.assert_close(g[s], rg, rtol=1e-4, atol=1e-6,
-                                           msg=f"grad of param {i} seed {s} call {call}")
-        betas.append(beta.clone())
-    schedule = v.beta_schedule(cfg.loss)
-    if spec.objective == "klpen":
-        # the paper's once-per-update rule, from each seed's full-batch KL estimate
-        data = _data(nets, 0.3, gen)
-        noise = _mc_noise(spec, 99)
-        with torch.no_grad():
-            est = kl_per_sample(spec, data["loc"], data["scale"], nets.loc(data["observation"]),
-                                nets.scale().expand(len(SEEDS), B, ACT), noise).mean(1)
-        after_iteration(schedule, beta, est, cfg.loss, list(range(len(SEEDS))))
-        for s, loss in enumerate(losses):
-            torch.manual_seed(100 * 99 + s)
-            ref_est = loss_kl_estimate(loss, _td(data, s, key)).mean()
-            torch.testing.assert_close(est[s], ref_est, rtol=1e-4, atol=1e-7)
-            schedule.after_iteration(loss, float(ref_est), cfg.loss)
-            assert float(beta[s]) == float(loss.beta)
+                                           msg=f"grad of param {i} lane {s} call {call}")
+        if beta is not None:
+            betas.append(beta.clone())
+    if beta is None:
+        return
+    # the paper's once-per-update rule, from each lane's full-batch KL estimate
+    data = _data(nets, 0.3, gen, key)
+    states = [g.get_state() for g in gens]
+    with torch.no_grad():
+        est = lane_loss(data)["kl"].reshape(len(SEEDS), -1).mean(1)
+    for s, (loss, c) in enumerate(zip(losses, cfgs)):
+        schedule.after_iteration(beta[s], float(est[s]), c.loss)
+        torch.set_rng_state(states[s])
+        ref_est = loss_kl_estimate(loss, data[s]).mean()
+        torch.testing.assert_close(est[s], ref_est, rtol=1e-5, atol=1e-7)
+        schedule.after_iteration(loss.beta, float(ref_est), c.loss)
+        assert float(beta[s]) == float(loss.beta)
     trajectory = torch.stack(betas)
-    if v.beta_rule == "adaptive" and cfg.loss["beta_schedule"] == "minibatch":
-        steps = torch.diff(torch.cat([torch.full((1, len(SEEDS)), spec.beta), trajectory]), dim=0)
+    initial = torch.tensor([float(c.loss["beta"]) for c in cfgs])
+    if schedule.name == "minibatch":
+        steps = torch.diff(torch.cat([initial[None], trajectory]), dim=0)
         assert (steps > 0).any() and (steps < 0).any(), "beta must have grown and shrunk"
-    elif spec.objective == "klpen":
-        assert (trajectory == spec.beta).all(), "beta moves only in the minibatch schedule"
-        if v.beta_rule == "adaptive":
-            assert (beta == spec.beta * cfg.loss["increment"]).all(), "one iteration step"
+    else:
+        assert (trajectory == initial).all(), "beta moves only in the minibatch schedule"
+        if schedule.name == "iteration":
+            grown = initial * torch.tensor([float(c.loss["increment"]) for c in cfgs])
+            assert (beta == grown).all(), "one iteration step"
 
 
 def test_gae_equals_torchrl_gae():
@@ -299,15 +309,28 @@ def test_one_diverging_seed_is_recorded_failed_and_the_others_finish(tmp_path, m
 
 def test_batches_are_checked_and_unsupported_configs_named():
     a = build_run_config("clip", "Hopper", 0)
-    with pytest.raises(ValueError, match="loss"):
-        check_batch([a, build_run_config("clip", "Hopper", 1, overrides={"clip_epsilon": 0.1})])
+    with pytest.raises(ValueError, match="train"):
+        check_batch([a, build_run_config("clip", "Hopper", 1, overrides={"train.epochs": 3})])
     with pytest.raises(ValueError, match="distinct"):
         check_batch([a, a])
+    # lanes may differ in hyperparameter values; a structural loss option makes another job
+    eps = build_run_config("clip", "Hopper", 1, overrides={"clip_epsilon": 0.1, "train.lr": 1e-3})
+    check_batch([a, eps])
+    assert lane_key(a) == lane_key(eps)
+    assert lane_key(a) != lane_key(build_run_config("clip", "Hopper", 1,
+                                                    overrides={"loss_critic_type": "l1"}))
     assert batch_unsupported_reason(a) is None
     shared = build_run_config("clip", "Hopper", 0, overrides={"model.trunk": "shared"})
     assert "model.trunk=shared" in batch_unsupported_reason(shared)
-    cfg = build_run_config("nan-clip", "Hopper", 0, plugins=("tests.plugins.nan_variant",))
-    assert "loss class NaNClipLoss" in batch_unsupported_reason(cfg)
+    # a user's subclass is batched as it is; one that writes .data in forward is named
+    nan = build_run_config("nan-clip", "Hopper", 0, plugins=("tests.plugins.nan_variant",))
+    assert batch_unsupported_reason(nan) is None
+    cfg = build_run_config("counting-clip", "Hopper", 0,
+                           plugins=("tests.plugins.buffer_writing_variant",))
+    reason = batch_unsupported_reason(cfg)
+    assert reason.startswith("variant counting-clip: its loss module (CountingClipLoss) cannot "
+                             "run under torch.func.vmap") and "data" in reason
+    assert "\n" not in reason
 
 
 def test_resumed_partial_job_retrains_its_batch_and_matches_bit_for_bit(tmp_path):
@@ -340,7 +363,7 @@ def test_flat_parameter_buffer_gives_adam_bit_identical_to_separate_tensors():
     nets_a = StackedActorCritic.from_models(models, cfg)
     nets_b = StackedActorCritic.from_models(models, cfg)
     params_a, params_b = list(nets_a.parameters()), list(nets_b.parameters())
-    flat = _flatten_parameters(params_b)
+    flat, _ = flatten_parameters(params_b)
     assert all(p.data_ptr() % 64 == 0 for p in params_b)  # aligned like separate tensors
     opt_a = torch.optim.Adam(params_a, lr=3e-3, foreach=True)
     opt_b = torch.optim.Adam([flat], lr=3e-3)
@@ -359,3 +382,35 @@ def test_flat_parameter_buffer_gives_adam_bit_identical_to_separate_tensors():
         assert torch.equal(a, b)
     for before, after in zip(critic_before, nets_b.critic_w):
         assert torch.equal(before, after)
+
+
+def test_lanes_with_their_own_step_sizes_step_like_separate_adams():
+    """Lanes that differ in ``train.lr``: one Adam group per lane; each lane's parameters
+    follow a separate torch Adam with that step size, bit for bit, with annealing."""
+    cfg = build_run_config("clip", "Hopper", 0)
+    models = [init_seed_models(OBS, ACT, cfg.model, get_variant("clip").distribution_class, s)[0]
+              for s in SEEDS]
+    nets = StackedActorCritic.from_models(models, cfg.model)
+    params = list(nets.parameters())
+    separate = [[p[s].detach().clone().requires_grad_(True) for p in params] for s in SEEDS]
+    lrs = [1e-3, 3e-4, 3e-3]
+    optim = LaneAdam(params, lrs)
+    refs = [torch.optim.Adam(ps, lr=lr) for ps, lr in zip(separate, lrs)]
+    obs = torch.randn(len(SEEDS), B, OBS, generator=torch.Generator().manual_seed(0))
+    for step in range(4):
+        for group in optim.param_groups:
+            group["lr"] = group["base_lr"] * (1 - step / 4)
+        for s, ref in enumerate(refs):
+            ref.param_groups[0]["lr"] = lrs[s] * (1 - step / 4)
+        optim.zero_grad()
+        nets.loc(obs).square().mean(dim=(1, 2)).sum().backward()
+        for s, ps in enumerate(separate):
+            for p, q in zip(ps, params):
+                p.grad = q.grad[s].clone()
+        optim.step()
+        for ref in refs:
+            ref.step()
+        assert optim.lane_lrs() == [lr * (1 - step / 4) for lr in lrs]
+    for s, ps in enumerate(separate):
+        for p, q in zip(ps, params):
+            assert torch.equal(p, q[s])

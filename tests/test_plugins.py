@@ -8,7 +8,7 @@ from torchrl.objectives import KLPENPPOLoss
 from klppo_bench.cli import main
 from klppo_bench.config import build_run_config
 from klppo_bench.errors import ConfigError
-from klppo_bench.harness.train import train
+from klppo_bench.harness.reference import train
 from klppo_bench.variants import registry
 from klppo_bench.variants.registry import get_variant, load_plugins
 
@@ -32,7 +32,7 @@ def test_missing_plugin_is_a_clear_error():
         load_plugins(["no_such_module"])
 
 
-def test_entry_point_group_registers_variants(monkeypatch):
+def test_entry_point_group_registers_variants(monkeypatch, fresh_registry):
     class EP:
         name = "demo"
 
@@ -45,8 +45,9 @@ def test_entry_point_group_registers_variants(monkeypatch):
             return lambda: [Variant(name="ep-demo", loss_class=PPOLoss, description="demo",
                                     kl_estimator="none", beta_rule="none", params=dict(COMMON))]
 
-    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))  # no leak into other tests
-    monkeypatch.setattr(registry, "_ENTRY_POINTS_LOADED", False)
+    monkeypatch.setattr(registry, "_ENTRY_POINTS_LOADED", False)  # fresh_registry restores it
     monkeypatch.setattr(registry.metadata, "entry_points",
                         lambda group: [EP()] if group == registry.ENTRY_POINT_GROUP else [])
     assert "ep-demo" in registry.all_variants()
+    assert registry.variant_source("ep-demo")["kind"] == "entry point"
+    assert registry.variant_source("ep-demo")["name"] == "demo"

@@ -5,6 +5,7 @@ TrueType fonts, each PNG shows something, and failed runs and fewer seeds are re
 from __future__ import annotations
 
 import json
+import shutil
 
 import matplotlib.image
 import numpy as np
@@ -17,7 +18,7 @@ from klppo_bench.cli import main
 from klppo_bench.config import build_run_config
 from klppo_bench.harness.run import execute_run
 from klppo_bench.stats.random_policy import CACHE_NAME, cache_key
-from klppo_bench.store import RunDir
+from klppo_bench.store import RunDir, run_index
 
 TINY = {"train.steps_per_iter": 256, "train.epochs": 1, "eval.every": 0, "eval.episodes": 1}
 RANDOM_EPISODES = 5
@@ -96,7 +97,8 @@ def test_tiny_experiment_report(tiny_experiment):
     assert (aggregates.value <= aggregates.ci_high + 1e-12).all()
 
     tex = (out / "tables" / "aggregate.tex").read_text()
-    assert "\\toprule" in tex and "\\bottomrule" in tex and "\\mathbf{" in tex
+    assert "\\toprule" in tex and "\\bottomrule" in tex
+    assert "\\mathbf{" in tex or "\\underline{" in tex     # a best, or the tied leaders
     md = (out / "report.md").read_text()
     assert "klpen-adaptive-mc-Hopperv5-s2-failed" in md and "DivergenceError" in md
     assert "60 repetitions, random state 3" in md and "rliable 1.2.0" in md
@@ -111,6 +113,43 @@ def test_tiny_experiment_report(tiny_experiment):
     first = aggregates.value.to_numpy()
     assert _report(tiny_experiment) == 0
     np.testing.assert_array_equal(pd.read_csv(out / "aggregates.csv").value.to_numpy(), first)
+
+
+def test_garbage_metrics_gives_a_complete_report_listing_the_run(tiny_experiment, tmp_path,
+                                                                 capsys):
+    """One run's metrics.parquet overwritten with garbage: the report is complete without it,
+    lists it under *Runs not readable* with its path and error, and the CLI exits 1."""
+    exp = tmp_path / "results" / "tiny"
+    shutil.copytree(tiny_experiment, exp, ignore=shutil.ignore_patterns("report", ".report*"))
+    if (tiny_experiment.parent / ".cache").is_dir():  # the random-policy scores, if measured
+        shutil.copytree(tiny_experiment.parent / ".cache", tmp_path / "results" / ".cache")
+    index = run_index(exp, states=("done",))
+    victim = index[index.setting == "clip"].sort_values("seed").iloc[0]
+    garbage = exp / "runs" / victim.run_id / "metrics.parquet"
+    garbage.write_bytes(b"this is not a parquet file at all")
+    assert _report(exp) == 1
+    assert f"{garbage}: ArrowInvalid" in capsys.readouterr().err
+
+    out = exp / "report"
+    check_figures(out, ["learning_curves_Hopper-v5", "aggregate_intervals",
+                        "performance_profiles", "poi_vs_baseline", "poi_pairwise",
+                        "sample_efficiency", "kl_diagnostics_Hopper-v5",
+                        "mc_vs_analytic_kl_Hopper-v5", "wall_clock"])
+    scores = pd.read_csv(out / "scores.csv")
+    assert len(scores) == 4 and victim.run_id not in set(scores.run_id)
+    assert scores.groupby("setting").size().to_dict() == {"clip": 2, "klpen-adaptive-mc": 2}
+    aggregates = pd.read_csv(out / "aggregates.csv")
+    clip = aggregates[(aggregates.kind == "aggregate") & (aggregates.setting == "clip")]
+    assert (clip.n_runs == 2).all()
+    md = (out / "report.md").read_text()
+    unreadable = md.split("## Runs not readable")[1].split("\n## ")[0]
+    listed = [line for line in unreadable.splitlines() if line.startswith("- ")]
+    assert len(listed) == 1 and str(garbage) in listed[0]
+    assert "Parquet magic bytes not found" in listed[0]
+    assert "klpen-adaptive-mc-Hopperv5-s2-failed" in md.split("## Runs not done")[1]
+    for section in ("## Aggregate (min-max normalized)", "## Final score per environment",
+                    "## Figures"):
+        assert section in md
 
 
 def _store_run(exp, setting, variant, env, seed, loss, level):

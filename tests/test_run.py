@@ -14,10 +14,10 @@ import yaml
 from torchrl.objectives import ClipPPOLoss
 
 from klppo_bench.cli import main
-from klppo_bench.config import build_run_config, resolve_env_id
+from klppo_bench.config import actual_frames, build_run_config, resolve_env_id
 from klppo_bench.errors import ConfigError
 from klppo_bench.harness.run import execute_run
-from klppo_bench.harness.train import train
+from klppo_bench.harness.reference import train
 from klppo_bench.store import RunDir
 from klppo_bench.variants import Variant, all_variants, get_variant, register
 
@@ -203,3 +203,22 @@ def test_vector_envs_of_different_seeds_never_share_an_env_seed():
     assert not torch.equal(first[0][1], first[1][0])  # seed 0's env 1 vs seed 1's env 0
     assert torch.equal(make_env("Hopper-v5", 1, obs_norm=False).reset()["observation"],
                        make_env("Hopper-v5", 1, obs_norm=False).reset()["observation"])
+
+
+def test_frames_round_up_to_whole_iterations_and_both_are_recorded(tmp_path, capsys):
+    cfg = build_run_config("clip", "Hopper", 0, frames=600, overrides=TINY)
+    assert cfg.frames == 600 and actual_frames(cfg) == 768  # 3 iterations of 256
+    assert actual_frames(build_run_config("clip", "Hopper", 0, frames=512, overrides=TINY)) == 512
+
+    sets = [x for k, v in TINY.items() for x in ("--set", f"{k}={v}")]
+    argv = ["run", "--variant", "clip", "--env", "Hopper", "--quiet", "--out", str(tmp_path),
+            *sets]
+    assert main([*argv, "--frames", "600"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0] == "frames 600 (runs 768: whole iterations of 256)"
+    summary = RunDir(tmp_path / "runs" / cfg.run_id()).summary()
+    assert (summary["frames_requested"], summary["frames_actual"], summary["frames"]) == (
+        600, 768, 768)
+
+    assert main([*argv, "--frames", "512"]) == 0
+    assert "whole iterations" not in capsys.readouterr().out

@@ -12,7 +12,7 @@ from tensordict import TensorDict
 
 from klppo_bench.config import ModelConfig, build_run_config
 from klppo_bench.harness.models import build_models
-from klppo_bench.harness.train import train
+from klppo_bench.harness.reference import train
 from klppo_bench.variants import all_variants, get_variant
 
 from tests.conftest import TINY, TINY_FRAMES

@@ -222,3 +222,47 @@ def test_trim_mean_is_rliable_iqm():
     # the vectorized sample-efficiency IQM relies on this identity
     x = np.random.default_rng(6).normal(size=(7, 3))
     assert scipy.stats.trim_mean(x.reshape(-1), 0.25) == metrics.aggregate_iqm(x)
+
+
+def test_run_median_curves_on_hand_made_numbers():
+    """The KL / dtarg curves' statistic: the median run at each point, not the mean one
+    runaway seed would drag (hand-computed)."""
+    # 5 seeds x 1 task x 2 points; seed 4's KL ran away at the first point
+    curves = np.array([[1.0, 2.0], [1.2, 2.0], [0.8, 3.0], [1.1, 1.0], [50.0, 2.5]])[:, None, :]
+    np.testing.assert_allclose(agg.curve_func("run_median")(curves), [1.1, 2.0])
+    np.testing.assert_allclose(agg.curve_func("mean")(curves), [54.1 / 5, 10.5 / 5])
+    point, low, high = agg.curve_estimates({"E": curves[:, 0, :]}, "run_median", 200, SEED)
+    np.testing.assert_allclose(point, [1.1, 2.0])
+    assert (low <= point).all() and (point <= high).all()
+    # unequal seeds per task: every task weighs the same
+    assert agg.weighted_median([np.array([1.0, 2.0, 3.0])]) == 2.0
+    assert agg.weighted_median([np.array([1.0, 2.0, 3.0, 4.0])]) == 2.5
+    # task a (3 runs, weight 1/6 each), task b (1 run, weight 1/2): the half lies between 2 and 9
+    assert agg.weighted_median([np.array([1.0, 2.0, 3.0]), np.array([9.0])]) == 6.0
+    # weights 1/12 (a), 1/3 (b), 1/6 (c): 0, 1, 2, 3, 4 hold exactly half the mass
+    assert agg.weighted_median([np.array([1.0, 2.0, 3.0, 4.0]), np.array([9.0]),
+                                np.array([0.0, 10.0])]) == pytest.approx(6.5)
+    three_seeds = np.array([[1.0, 5.0], [2.0, 6.0], [3.0, 7.0]])[:, None, :]
+    one_seed = np.array([[9.0, 0.0]])[:, None, :]
+    unequal = agg.curve_func("run_median")(three_seeds, one_seed)
+    np.testing.assert_allclose(unequal, [6.0, 2.5])
+    with pytest.raises(ValueError, match="allowed: mean, iqm, run_median"):
+        agg.curve_func("median")
+
+
+def test_best_and_tied_on_hand_made_intervals():
+    close = {"clip": (1.00001, 0.95, 1.05), "dual-clip": (1.0, 0.95, 1.05),
+             "no-clip": (0.2, 0.1, 0.3)}
+    assert agg.best_and_tied(close, "max") == ("clip", ["dual-clip"])
+    apart = {"clip": (1.0, 0.95, 1.05), "dual-clip": (0.8, 0.7, 0.9), "no-clip": (0.2, 0.1, 0.3)}
+    assert agg.best_and_tied(apart, "max") == ("clip", [])
+    # a lower point with a wide CI that reaches the best's CI is tied too
+    wide = {**apart, "no-clip": (0.5, 0.0, 0.96)}
+    assert agg.best_and_tied(wide, "max") == ("clip", ["no-clip"])
+    assert agg.best_and_tied(apart, "min") == ("no-clip", [])
+    # degenerate CIs (one seed): tied only when `same` says the points are equal
+    points = {"a": (1.00001, 1.00001, 1.00001), "b": (1.0, 1.0, 1.0)}
+    assert agg.best_and_tied(points) == ("a", [])
+    assert agg.best_and_tied(points, same=lambda x, y: abs(x - y) < 1e-4) == ("a", ["b"])
+    assert agg.best_and_tied({"a": (np.nan, 0, 1)}) == (None, [])
+    assert agg.intervals_overlap((0, 0, 1), (0, np.nan, np.nan))   # no CI: no evidence

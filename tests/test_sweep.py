@@ -189,15 +189,15 @@ def test_jobs_batch_the_seeds_of_one_config():
     from klppo_bench.sweep import plan_jobs
 
     runs = spec_runs("smoke", seeds=5)  # 2 settings x 5 seeds
-    jobs = plan_jobs(runs, "auto", None, workers=2)
+    jobs, _ = plan_jobs(runs, "auto", None, workers=2)
     assert [len(j) for j in jobs] == [5, 5]  # the largest batches that still feed 2 workers
     for job in jobs:
         assert {e["engine"] for e in job} == {"batched"}
         assert len({e["setting"] for e in job}) == 1
         assert sorted(e["config"]["seed"] for e in job) == [0, 1, 2, 3, 4]
-    assert [len(j) for j in plan_jobs(runs, "auto", None, workers=4)] == [2, 3, 2, 3]
-    assert [len(j) for j in plan_jobs(runs, "auto", 2, workers=1)] == [1, 2, 2, 1, 2, 2]
-    reference = plan_jobs(runs, "reference", None, workers=2)
+    assert [len(j) for j in plan_jobs(runs, "auto", None, workers=4)[0]] == [2, 3, 2, 3]
+    assert [len(j) for j in plan_jobs(runs, "auto", 2, workers=1)[0]] == [1, 2, 2, 1, 2, 2]
+    reference, _ = plan_jobs(runs, "reference", None, workers=2)
     assert len(reference) == 10 and {j[0]["engine"] for j in reference} == {"reference"}
 
 
@@ -208,6 +208,81 @@ def test_unbatchable_configs_fall_back_or_fail_clearly(tmp_path):
     spec.write_text("name: shared\nenvs: [Hopper]\nseeds: 2\nframes: 512\n"
                     "variants: [{name: clip}]\nmodel: {trunk: shared}\ntrain: {steps_per_iter: 256}\n")
     runs = expand(load_spec(spec))
-    assert {j[0]["engine"] for j in plan_jobs(runs, "auto", None, 2)} == {"reference"}
+    jobs, reasons = plan_jobs(runs, "auto", None, 2)
+    assert {j[0]["engine"] for j in jobs} == {"reference"}
+    assert list(reasons.values()) == ["model.trunk=shared (batched engine: separate trunks only)"]
     with pytest.raises(ConfigError, match="--engine batched: clip on Hopper-v5: .*allowed"):
         plan_jobs(runs, "batched", None, 2)
+
+
+def test_spec_plugins_resolve_against_the_spec_folder(tmp_path, monkeypatch, capsys,
+                                                      fresh_registry):
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    (sub / "my_plugin.py").write_text(
+        "import dataclasses\nfrom klppo_bench.variants import get_variant, register\n"
+        "register(dataclasses.replace(get_variant('clip'), name='spec-local-clip'))\n")
+    spec = sub / "spec.yaml"
+    spec.write_text(BASE.replace("klpen-adaptive", "spec-local-clip")
+                    .replace("params: {dtarg: [0.01, 0.03]}", "params: {clip_epsilon: 0.1}")
+                    + "plugins: [my_plugin.py]\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+
+    runs = expand(load_spec(spec))
+    assert {r.config.variant for r in runs} == {"spec-local-clip"}
+    # workers and `report` load the plugin from any directory: the path is absolute
+    assert runs[0].config.plugins == (str(sub / "my_plugin.py"),)
+
+    # a missing spec plugin names the spec file and its plugins key, not --plugin
+    missing = sub / "missing.yaml"
+    missing.write_text(BASE + "plugins: [nowhere.py]\n")
+    assert cli.main(["sweep", str(missing), "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"klppo-bench: error: {missing}: plugins: nowhere.py: cannot import")
+    assert f"no such file: {sub / 'nowhere.py'}" in err and "--plugin" not in err
+    assert "\n" not in err
+
+    # --plugin keeps resolving against the current directory
+    assert cli.main(["sweep", str(spec), "--dry-run", "--plugin", "my_plugin.py"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("klppo-bench: error: --plugin my_plugin.py: cannot import")
+    assert f"no such file: {elsewhere / 'my_plugin.py'}" in err
+
+
+def test_variant_names_alone_expand_like_mapping_entries(tmp_path):
+    head = "envs: [Hopper]\nseeds: 2\nframes: 4096\n"
+    forms = {
+        "short": "variants: [clip, klpen-adaptive]\n",
+        "mapping": "variants:\n  - name: clip\n  - name: klpen-adaptive\n    params: {}\n",
+        "mixed": "variants:\n  - clip\n  - {name: klpen-adaptive}\n",
+    }
+    expanded = {}
+    for form, variants in forms.items():
+        (tmp_path / f"{form}.yaml").write_text("name: same\n" + head + variants)
+        runs = expand(load_spec(tmp_path / f"{form}.yaml"))
+        expanded[form] = [(r.run_id, r.setting) for r in runs]
+    assert expanded["short"] == expanded["mapping"] == expanded["mixed"]
+    assert [s for _, s in expanded["short"]] == ["clip", "klpen-adaptive"] * 2
+
+    (tmp_path / "bad.yaml").write_text("name: same\n" + head + "variants: [clip, 3]\n")
+    with pytest.raises(ConfigError, match=r"variants\[1\]=3 is invalid; allowed: a variant "
+                                          r"name or a mapping with keys name, params"):
+        load_spec(tmp_path / "bad.yaml")
+
+
+def test_dry_run_shows_requested_and_actual_frames(tmp_path, capsys):
+    spec = tmp_path / "frames.yaml"
+    spec.write_text(BASE.replace("4096", "20000"))
+    results = str(tmp_path / "results")
+    assert cli.main(["sweep", str(spec), "--results", results, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("frames 20000 (runs 20480: whole iterations of 2048)") == 1
+    runs = expand(load_spec(spec))
+    assert {r.config.frames for r in runs} == {20000}  # the config keeps what was asked
+
+    # whole iterations: no note, and the run ids are those of a spec that says 4096
+    spec.write_text(BASE)
+    assert cli.main(["sweep", str(spec), "--results", results, "--dry-run"]) == 0
+    assert "(runs " not in capsys.readouterr().out

@@ -131,39 +131,57 @@ def test_monte_carlo_kl_is_random_and_converges_to_closed_form(name):
     assert abs(float(est.mean()) - exact) < 4 * stderr + 1e-4, (float(est.mean()), exact)
 
 
-def _beta_after(loss, kl_ratio: float, dtarg: float = 0.01) -> float:
-    """One forward on a batch whose analytic KL is kl_ratio * dtarg."""
+def _call(v, params, loss, td=None):
+    """One loss call as both engines make it: forward, then the schedule's per-call hook."""
+    out = loss(td if td is not None else batch())
+    v.beta_schedule(params).after_loss(loss.beta, float(out["kl"].mean()), params)
+    return out
+
+
+def _beta_after(made, kl_ratio: float, dtarg: float = 0.01) -> float:
+    """One loss call on a batch whose analytic KL is kl_ratio * dtarg."""
+    v, params, models, loss = made
     # KL(N(0,1) || N(d,1)) over ACT dims = ACT * d^2 / 2
     delta = math.sqrt(2 * kl_ratio * dtarg / ACT)
-    set_policy_mean(loss_models[id(loss)], delta)
-    loss(batch())
+    set_policy_mean(models, delta)
+    _call(v, params, loss)
     return float(loss.beta)
-
-
-loss_models: dict = {}
 
 
 @pytest.mark.parametrize("ratio, factor", [(1.5 * 1.01, 2.0), (1.5 * 0.99, 1.0), (1.0, 1.0),
                                            (1 / 1.5 * 1.01, 1.0), (1 / 1.5 * 0.99, 0.5)])
 def test_minibatch_schedule_doubles_and_halves_at_torchrl_thresholds(ratio, factor):
-    _, _, models, loss = make_loss("klpen-adaptive", beta_schedule="minibatch", beta=1.0)
-    loss_models[id(loss)] = models
-    assert _beta_after(loss, ratio) == pytest.approx(factor)
-    assert _beta_after(loss, ratio) == pytest.approx(factor**2)  # every call moves it
+    made = make_loss("klpen-adaptive", beta_schedule="minibatch", beta=1.0)
+    assert _beta_after(made, ratio) == pytest.approx(factor)
+    assert _beta_after(made, ratio) == pytest.approx(factor**2)  # every call moves it
+
+
+@pytest.mark.parametrize("name", ["klpen-adaptive", "klpen-adaptive-mc", "klpen-fixed"])
+def test_the_loss_itself_never_moves_beta(name):
+    """torchrl's in-forward rule is switched off (dtarg = nan, increment = decrement = 1):
+    the schedule is the only rule, in both engines, while the run keeps its own dtarg."""
+    _, params, models, loss = make_loss(name, beta=1.0)
+    assert math.isnan(loss.dtarg) and loss.increment == loss.decrement == 1.0
+    assert params["dtarg"] == 0.01
+    for delta in (0.0, 1.0):  # KL far below and far above dtarg
+        set_policy_mean(models, delta)
+        loss(batch())
+        assert float(loss.beta) == 1.0
 
 
 def test_minibatch_schedule_gradient_uses_the_new_beta():
-    """torchrl's in-place beta update: the gradient of that minibatch is taken with the new beta.
+    """torchrl's in-place beta update, kept by the minibatch schedule's hook (between forward
+    and backward, through ``.data``): the gradient of that minibatch uses the new beta.
 
-    objective = surrogate + beta * KL; with KL = 3 dtarg beta doubles 1 -> 2 inside the call.
+    objective = surrogate + beta * KL; with KL = 3 dtarg beta doubles 1 -> 2 after the call.
     d(mean KL)/d(bias) = delta per action dim, so grad(total) - grad(surrogate) = 2 * delta.
     """
     delta = math.sqrt(2 * 3 * 0.01 / ACT)
     td = batch()
-    _, _, models, loss = make_loss("klpen-adaptive", beta_schedule="minibatch", beta=1.0)
+    v, params, models, loss = make_loss("klpen-adaptive", beta_schedule="minibatch", beta=1.0)
     set_policy_mean(models, delta)
     bias = models.policy.module[0].module[1][0].bias
-    grad_total = torch.autograd.grad(loss(td)["loss_objective"], bias)[0]
+    grad_total = torch.autograd.grad(_call(v, params, loss, td)["loss_objective"], bias)[0]
     assert float(loss.beta) == 2.0
     _, _, m0, surrogate_only = make_loss("klpen-fixed", beta=0.0)
     set_policy_mean(m0, delta)
@@ -179,31 +197,32 @@ def test_iteration_schedule_moves_beta_once_per_iteration():
     delta = math.sqrt(2 * 3 * 0.01 / ACT)  # KL = 3 dtarg
     set_policy_mean(models, delta)
     for _ in range(10):
-        loss(batch())
+        _call(v, params, loss)
     assert float(loss.beta) == 1.0  # no change inside the epochs
-    schedule.after_iteration(loss, 3 * 0.01, params)
+    schedule.after_iteration(loss.beta, 3 * 0.01, params)
     assert float(loss.beta) == 2.0
-    schedule.after_iteration(loss, 0.01 / 3, params)
+    schedule.after_iteration(loss.beta, 0.01 / 3, params)
     assert float(loss.beta) == 1.0
-    schedule.after_iteration(loss, 0.01, params)
+    schedule.after_iteration(loss.beta, 0.01, params)
     assert float(loss.beta) == 1.0
 
 
 @pytest.mark.parametrize("name", ["klpen-fixed", "klpen-fixed-mc"])
 def test_fixed_beta_never_moves(name):
-    _, _, models, loss = make_loss(name, beta=3.0)
+    v, params, models, loss = make_loss(name, beta=3.0)
     for delta in (0.0, 0.01, 1.0, 3.0):
         set_policy_mean(models, delta)
         for _ in range(3):
-            loss(batch())
+            _call(v, params, loss)
+        v.beta_schedule(params).after_iteration(loss.beta, 100.0, params)
     assert float(loss.beta) == 3.0
 
 
 def test_integer_beta_is_stored_as_float():
-    _, params, models, loss = make_loss("klpen-adaptive", beta="1", beta_schedule="minibatch")
+    v, params, models, loss = make_loss("klpen-adaptive", beta="1", beta_schedule="minibatch")
     assert isinstance(params["beta"], float) and loss.beta.dtype == torch.float32
     set_policy_mean(models, 1.0)
-    loss(batch())
+    _call(v, params, loss)
     assert float(loss.beta) == 2.0
 
 
@@ -230,7 +249,7 @@ def test_bad_parameters_are_rejected_with_allowed_values(name, key, value, needl
 def test_aliases_and_duplicate_names():
     params = get_variant("clip").resolve({"entropy_coef": "0.01", "critic_coef": "0.5"})
     assert params["entropy_coeff"] == 0.01 and params["critic_coeff"] == 0.5
-    with pytest.raises(ValueError, match="already registered"):
+    with pytest.raises(ConfigError, match="registered twice: by built-in"):
         register(get_variant("clip"))
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from klppo_bench.harness.batched_env import BatchedEnvs, BatchedEvaluator
+from klppo_bench.harness.batched.envs import BatchedEnvs, BatchedEvaluator
 from klppo_bench.harness.vector_step import (GymStepper, MujocoLocomotionStepper,
                                              fast_stepper_reason, make_stepper)
 

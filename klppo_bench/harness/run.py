@@ -11,7 +11,7 @@ from typing import Callable
 
 from klppo_bench.config import RunConfig
 from klppo_bench.harness.provenance import provenance
-from klppo_bench.harness.train import train
+from klppo_bench.harness.reference import train
 from klppo_bench.store import RunDir
 
 

@@ -6,12 +6,15 @@ Writes ``<experiment>/report/``: ``scores.csv``, ``aggregates.csv``, ``tables/*.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 
 def main_report(args) -> int:
     """CLI entry point (``args``: experiment, reps, random_state, baseline and the optional
-    random_episodes, random_seed, out). Returns the exit status."""
+    random_episodes, random_seed, out). Returns the exit status: 0, or 1 when the report was
+    written without some runs whose record could not be read (listed on stderr and in
+    report.md under *Runs not readable*)."""
     from klppo_bench.report.build import ReportOptions, build_report
 
     opts = ReportOptions(
@@ -21,8 +24,11 @@ def main_report(args) -> int:
         out=Path(args.out) if getattr(args, "out", None) else None)
     rep = build_report(Path(args.experiment), opts)
     print(f"report: {len(rep.runs)} finished runs, {len(rep.settings)} settings, "
-          f"{len(rep.envs)} env(s); {len(rep.not_done)} run(s) not done")
+          f"{len(rep.envs)} env(s); {len(rep.not_done)} run(s) not done, "
+          f"{len(rep.unreadable)} not readable")
     for note in rep.notes:
         print(f"  note: {note}")
     print(f"written: {rep.out / 'report.md'}")
-    return 0
+    for u in rep.unreadable:
+        print(f"klppo-bench: run not readable, left out: {u.path}: {u.error}", file=sys.stderr)
+    return 1 if rep.unreadable else 0

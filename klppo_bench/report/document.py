@@ -26,7 +26,9 @@ CAPTIONS = {
     "dtarg_increment_lines": "Sensitivity to dtarg for each increment: mean final score, 95% CIs.",
     "dtarg_increment_heatmap": "Sensitivity grid: mean final score per (dtarg, increment).",
     "wall_clock": ("Wall-clock time per run (mean over runs, 95% CIs; a seed-batched job's time is "
-                   "split evenly over its seeds); machine load affects it."),
+                   "split evenly over its seeds), one bar per setting and engine, labelled "
+                   "`setting [engine]`: compare bars within one engine only. Machine load "
+                   "affects it."),
 }
 
 
@@ -45,8 +47,9 @@ def _caption(name: str) -> str:
                           "each iteration, smoothed) vs frames on {}: mean over seeds, 95% "
                           "bootstrap CI band (rliable, percentile)."),
                          ("kl_diagnostics_", "KL diagnostics on {}: closed-form KL of each "
-                          "batch after the update divided by dtarg (dotted: the adaptive rule's "
-                          "band 1/1.5 .. 1.5), and beta; mean over seeds, 95% CI bands."),
+                          "batch after the update divided by dtarg, median over seeds (dotted: "
+                          "the adaptive rule's band 1/1.5 .. 1.5), and beta, geometric mean "
+                          "over seeds; 95% bootstrap CI bands."),
                          ("mc_vs_analytic_kl_", "Analytic vs Monte-Carlo KL on {}: the loss's "
                           "MC estimate (dashed) beside the closed form of the same batch "
                           "(solid), and the spread of the per-sample MC estimate.")):
@@ -57,15 +60,15 @@ def _caption(name: str) -> str:
 
 def _settings_table(rep) -> str:
     runs = rep.runs
-    lines = ["| setting | variant | varied parameters | seeds per env | not done |",
-             "|:---|:---|:---|:---|---:|"]
+    lines = ["| setting | variant | engine | varied parameters | seeds per env | not done |",
+             "|:---|:---|:---|:---|:---|---:|"]
     for s in rep.settings:
         g = runs[runs.setting == s]
         per_env = ", ".join(f"{e}: {n}" for e, n in g.groupby("env").size().items())
         failed = int((rep.not_done.setting == s).sum()) if len(rep.not_done) else 0
         base = " (baseline)" if s == rep.baseline else ""
-        lines.append(f"| `{s}`{base} | {g.variant.iloc[0]} | {rep.params.get(s) or '--'} | "
-                     f"{per_env} | {failed} |")
+        lines.append(f"| `{s}`{base} | {g.variant.iloc[0]} | {rep.engines.get(s, '--')} | "
+                     f"{rep.params.get(s) or '--'} | {per_env} | {failed} |")
     return "\n".join(lines) + "\n"
 
 
@@ -77,12 +80,42 @@ def _normalization_table(rep) -> str:
         rnd = rep.random[r.env]
         ref = "--" if r.reference_score != r.reference_score else \
             f"{fmt(r.reference_score)} ({r.reference_env})"
-        lines.append(f"| {r.env} | {fmt(rnd['mean'])} +/- {fmt(rnd['std'])} | `{r.best_setting}` "
+        lines.append(f"| {r.env} | {fmt(rnd['mean'])} +/- {fmt(rnd['std'])} | "
+                     f"{best_setting_text(r.best_setting, rep.best_tied.get(r.env, []))} "
                      f"| {fmt(r.best_score)} | {ref} | {r.reference_source or '--'} |")
     lines.append("")
     lines.append(f"Random policy: uniform actions, {opts.random_episodes} episodes, seed "
                  f"{opts.random_seed} (mean +/- std of returns), measured with gymnasium and "
                  f"cached.")
+    return "\n".join(lines) + "\n"
+
+
+def best_setting_text(best: str, tied: list[str]) -> str:
+    """``clip``, or ``clip (tied with dual-clip: overlapping 95% CIs)``."""
+    if not tied:
+        return f"`{best}`"
+    return f"`{best}` (tied with {', '.join(f'`{t}`' for t in tied)}: overlapping 95% CIs)"
+
+
+def engines_sentence(rep) -> str:
+    """One sentence naming which settings ran on which engine (empty: one engine)."""
+    if not rep.mixed_engines:
+        return ""
+    by_engine: dict[str, list[str]] = {}
+    for s in rep.settings:
+        by_engine.setdefault(rep.engines[s], []).append(f"`{s}`")
+    parts = "; ".join(f"{e}: {', '.join(ss)}" for e, ss in sorted(by_engine.items()))
+    return (f"**Engines differ.** This report mixes training engines ({parts}); per-run "
+            f"wall-clock is not comparable across engines, so the wall-clock table and figure "
+            f"compare settings within one engine only.")
+
+
+def _unreadable(rep) -> str:
+    if not rep.unreadable:
+        return "None: every run record could be read.\n"
+    lines = [f"{len(rep.unreadable)} run(s) left out of every table and figure (file: error):",
+             ""]
+    lines += [f"- `{u.path}`: {u.error}" for u in rep.unreadable]
     return "\n".join(lines) + "\n"
 
 
@@ -105,6 +138,8 @@ def render(rep) -> str:
                f"{len(rep.settings)} settings x {len(rep.envs)} environment(s) "
                f"({', '.join(rep.envs)}), {frames} frames per run.")
     out.append("")
+    if rep.mixed_engines:
+        out += [engines_sentence(rep), ""]
     out.append(
         "**Score.** A run's final score is the mean return of its last 100 training episodes "
         "(the PPO paper's rule; `final_score` in scores.csv, with the final deterministic "
@@ -127,7 +162,8 @@ def render(rep) -> str:
         out += [f"- {n}" for n in rep.notes]
         out.append("")
     out += ["## Settings", "", _settings_table(rep), "## Normalization constants", "",
-            _normalization_table(rep), "## Runs not done", "", _not_done(rep)]
+            _normalization_table(rep), "## Runs not done", "", _not_done(rep),
+            "## Runs not readable", "", _unreadable(rep)]
     out += ["## Aggregate (min-max normalized)", "", rep.tables["aggregate"]]
     if "table1" in rep.tables:
         out += ["## Average normalized score per setting (Table 1 style)", "", rep.tables["table1"]]
@@ -136,6 +172,8 @@ def render(rep) -> str:
         out += ["## dtarg x increment grid", "", rep.tables["dtarg_increment"]]
     if "aggregate_reference" in rep.tables:
         out += ["## Aggregate (reference normalized)", "", rep.tables["aggregate_reference"]]
+    if "wall_clock" in rep.tables:
+        out += ["## Wall-clock per run (within each engine)", "", rep.tables["wall_clock"]]
     out += ["## Figures", ""]
     for name, path in rep.figures.items():
         out += [f"![{name}]({path})", "", f"*{_caption(name)}* (`{path[:-4]}.pdf`)", ""]

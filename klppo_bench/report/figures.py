@@ -187,16 +187,16 @@ def sample_efficiency(grid, estimates: Mapping[str, Estimate], styles: Mapping[s
 
 def kl_diagnostics(grid, ratio: Mapping[str, Estimate], beta: Mapping[str, Estimate],
                    styles: Mapping[str, Style], title: str) -> plt.Figure:
-    """Measured KL / dtarg (top; the adaptive rule's band 1/1.5..1.5 dotted) and beta (bottom,
-    log scale; geometric means over seeds, since beta moves by factors) over training, with
-    95% CI bands."""
+    """Measured KL / dtarg (top; median over seeds; the adaptive rule's band 1/1.5..1.5
+    dotted) and beta (bottom, log scale; geometric mean over seeds, since beta moves by
+    factors) over training, with 95% CI bands."""
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(COLUMN_WIDTH, 3.4), sharex=True)
     band_plot(top, grid, ratio, styles)
     for y, ls in ((1.0, "-"), (1.5, ":"), (1 / 1.5, ":")):
         top.axhline(y, color="0.3", linewidth=0.8, linestyle=ls, zorder=0)
     top.update_datalim([(grid[0], 1.5), (grid[0], 1 / 1.5)])
     _plain_log_axis(top)
-    top.set_ylabel("KL / dtarg")
+    top.set_ylabel("KL / dtarg (median)")
     top.set_title(title)
     band_plot(bottom, grid, beta, styles)
     _plain_log_axis(bottom)
@@ -269,16 +269,23 @@ def sensitivity_heatmap(cells: pd.DataFrame, label: str) -> plt.Figure:
 
 
 def wall_clock(cost: pd.DataFrame, styles: Mapping[str, Style]) -> plt.Figure:
-    """Mean wall-clock time per run and setting, with 95% bootstrap CIs."""
+    """Mean wall-clock time per run with 95% bootstrap CIs, one bar per (engine, setting),
+    labelled ``setting [engine]`` and grouped by engine (a line between engines): per-run
+    wall-clock is compared within one engine only."""
     minutes = cost.value.max() > 120
     scale, unit = (60.0, "minutes") if minutes else (1.0, "seconds")
+    engines = cost.engine if "engine" in cost else pd.Series([None] * len(cost))
     fig, ax = plt.subplots(figsize=(COLUMN_WIDTH, 0.25 * len(cost) + 0.7))
     y = np.arange(len(cost))[::-1]
     ax.barh(y, cost.value / scale, color=[styles[s].color for s in cost.setting], height=0.6,
             xerr=[(cost.value - cost.ci_low) / scale, (cost.ci_high - cost.value) / scale],
             error_kw={"linewidth": 0.8, "capsize": 2})
     ax.set_yticks(y)
-    ax.set_yticklabels(cost.setting)
+    ax.set_yticklabels([s if e is None else f"{s} [{e}]"
+                        for s, e in zip(cost.setting, engines)])
+    for k in range(1, len(cost)):
+        if engines.iloc[k] != engines.iloc[k - 1]:  # between engine groups
+            ax.axhline(y[k] + 0.5, color="0.3", linewidth=0.8)
     ax.set_xlabel(f"wall-clock per run ({unit})")
     ax.grid(True, axis="x")
     ax.grid(False, axis="y")

@@ -84,6 +84,20 @@ def weighted_iqm(columns: Sequence[np.ndarray]) -> float:
     return float(np.sum(kept * values) / np.sum(kept))
 
 
+def weighted_median(columns: Sequence[np.ndarray]) -> float:
+    """Median of the runs of every task, where every task carries the same total weight
+    (``np.median`` of all runs when the counts are equal)."""
+    values = np.concatenate([np.ravel(c) for c in columns])
+    weights = np.concatenate([np.full(np.size(c), 1.0 / (len(columns) * np.size(c)))
+                              for c in columns])
+    order = np.argsort(values, kind="stable")
+    values, upper = values[order], np.cumsum(weights[order])
+    k = int(np.searchsorted(upper, 0.5 - 1e-12))        # first run whose mass reaches 1/2
+    if k + 1 < len(values) and np.isclose(upper[k], 0.5, rtol=0, atol=1e-12):
+        return float((values[k] + values[k + 1]) / 2)   # the half falls between two runs
+    return float(values[k])
+
+
 def iqm(*args) -> float:
     """rliable's IQM of one matrix; the task-weighted IQM of one array per task."""
     if len(args) == 1:
@@ -244,18 +258,28 @@ def performance_profiles(score_sets: Mapping[str, ScoreSet], taus: np.ndarray, r
             for s, t in score_sets.items()}
 
 
+CURVE_STATISTICS = ("mean", "iqm", "run_median")
+
+
 def curve_func(statistic: str) -> Callable:
-    """Per-point statistic of ``(runs x tasks x points)`` data: ``mean`` (over runs and tasks)
-    or ``iqm`` (rliable's IQM at each point)."""
-    if statistic not in ("mean", "iqm"):
-        raise ValueError(f"statistic={statistic!r}; allowed: mean, iqm")
+    """Per-point statistic of ``(runs x tasks x points)`` data: ``mean`` (over runs and tasks),
+    ``iqm`` (rliable's IQM at each point) or ``run_median`` (the median run: median over the
+    runs of every task, tasks weighted equally; robust where a few seeds sit far off, unlike
+    rliable's ``aggregate_median``, the median over tasks of the per-task mean)."""
+    if statistic not in CURVE_STATISTICS:
+        raise ValueError(f"statistic={statistic!r}; allowed: {', '.join(CURVE_STATISTICS)}")
 
     def func(*args):
         if len(args) == 1:  # vectorized forms of rliable's aggregate_mean / aggregate_iqm
             x = args[0]
             if statistic == "mean":
                 return np.mean(np.mean(x, axis=0), axis=0)
+            if statistic == "run_median":
+                return np.median(x.reshape(-1, x.shape[-1]), axis=0)
             return scipy.stats.trim_mean(x.reshape(-1, x.shape[-1]), 0.25, axis=0)
+        if statistic == "run_median":
+            return np.array([weighted_median(_task_columns([a[..., k] for a in args]))
+                             for k in range(args[0].shape[-1])])
         stat = mean if statistic == "mean" else iqm
         return np.array([stat(*(a[..., k] for a in args)) for k in range(args[0].shape[-1])])
     return func
@@ -267,3 +291,37 @@ def curve_estimates(tasks: ScoreSet, statistic: str, reps: int, random_state: in
     rliable resamples runs independently at each point (pointwise intervals, as rliable's
     sample-efficiency curves)."""
     return interval_estimate(pack(tasks), curve_func(statistic), reps, random_state)
+
+
+def intervals_overlap(a: tuple, b: tuple) -> bool:
+    """Whether two ``(point, low, high)`` estimates' intervals share a point; a missing bound
+    counts as overlapping (no evidence of a difference)."""
+    (_, lo_a, hi_a), (_, lo_b, hi_b) = a, b
+    if any(not np.isfinite(v) for v in (lo_a, hi_a, lo_b, hi_b)):
+        return True
+    return bool(lo_a <= hi_b and lo_b <= hi_a)
+
+
+def tied_with(estimates: Mapping, key, same: Callable[[float, float], bool] | None = None
+              ) -> list:
+    """The keys of ``{key: (point, low, high)}`` other than ``key`` statistically tied with it:
+    a finite point whose 95% CI overlaps ``key``'s, or ``same(point of key, point)``."""
+    ref = estimates[key]
+    return [k for k, e in estimates.items() if k != key and np.isfinite(e[0]) and (
+        intervals_overlap(ref, e) or (same is not None and same(ref[0], e[0])))]
+
+
+def best_and_tied(estimates: Mapping, rule: str = "max",
+                  same: Callable[[float, float], bool] | None = None) -> tuple:
+    """``(best, tied)``: the key with the best point (``rule``: ``max`` or ``min``) among
+    ``{key: (point, low, high)}`` with a finite point, and the other keys statistically tied
+    with it (:func:`tied_with`). ``tied`` empty: the best's CI is disjoint from the
+    runner-up's and every other's. ``(None, [])`` without a finite point."""
+    if rule not in ("max", "min"):
+        raise ValueError(f"rule={rule!r}; allowed: max, min")
+    finite = {k: e for k, e in estimates.items() if np.isfinite(e[0])}
+    if not finite:
+        return None, []
+    sign = 1.0 if rule == "max" else -1.0
+    best = max(finite, key=lambda k: sign * finite[k][0])  # the first of equal points
+    return best, tied_with(finite, best, same)

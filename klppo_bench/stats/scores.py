@@ -15,18 +15,22 @@ Everything here reads the results store only (:mod:`klppo_bench.store`).
 
 from __future__ import annotations
 
+import json
 import re
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from klppo_bench.store import RunDir, run_index
+from klppo_bench.store import RunDir, Unreadable, error_line, scan_runs
 
 RUN_COLUMNS = ["experiment", "env", "variant", "setting", "params", "seed", "run_id",
                "final_score", "final_score_episodes", "final_eval_return", "frames",
-               "wall_seconds", "sps"]
+               "wall_seconds", "sps", "engine"]
+UNRECORDED = "unrecorded"
+"""``engine`` of a run whose status has no ``provenance.engine`` (written before it existed)."""
 
 
 def parse_params(params: str) -> dict[str, str]:
@@ -50,21 +54,39 @@ def env_family(env_id: str) -> str:
     return re.sub(r"-v\d+$", "", env_id.split("/")[-1])
 
 
-def collect_runs(exp_dir: Path | str) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """``(done, not_done)`` for an experiment directory.
+@dataclass
+class RunRecords:
+    """What :func:`read_runs` found in an experiment directory."""
+    done: pd.DataFrame
+    """One row per finished run with :data:`RUN_COLUMNS` (the store's summary)."""
+    not_done: pd.DataFrame
+    """``run_index`` rows (no ``path``) of every pending, running or failed run, with its
+    error text: reported, never dropped silently."""
+    unreadable: list[Unreadable] = field(default_factory=list)
+    """Runs whose status, config or (done runs) summary could not be read."""
 
-    ``done``: one row per finished run with :data:`RUN_COLUMNS` (the store's summary).
-    ``not_done``: ``run_index`` rows of every run that is pending, running or failed, with its
-    error text: reported, never dropped silently.
-    """
+
+def _read_summary(path: Path) -> dict:
+    summary = json.loads(path.read_text())
+    if not isinstance(summary, dict):
+        raise ValueError(f"a {type(summary).__name__}, not a JSON object")
+    return summary
+
+
+def read_runs(exp_dir: Path | str) -> RunRecords:
+    """Done runs, runs not done and unreadable runs of an experiment directory."""
     exp_dir = Path(exp_dir)
-    index = run_index(exp_dir)
+    index, unreadable = scan_runs(exp_dir)
     done_index = index[index.state == "done"]
     rows = []
     for row in done_index.itertuples():
-        run = RunDir(row.path)
-        summary = run.summary()
-        status = run.status() or {}
+        path = Path(row.path) / "summary.json"
+        try:
+            summary = _read_summary(path)
+        except Exception as err:  # reported by the caller; the other runs still count
+            unreadable.append(Unreadable(row.run_id, str(path), error_line(err)))
+            continue
+        status = RunDir(row.path).status() or {}
         rows.append({
             "experiment": exp_dir.name,
             "env": row.env, "variant": row.variant, "setting": row.setting,
@@ -75,12 +97,19 @@ def collect_runs(exp_dir: Path | str) -> tuple[pd.DataFrame, pd.DataFrame]:
             "frames": summary.get("frames"),
             "wall_seconds": as_float(status.get("seconds", summary.get("wall_seconds"))),
             "sps": as_float(summary.get("sps")),
+            "engine": row.engine or UNRECORDED,
         })
     done = pd.DataFrame(rows, columns=RUN_COLUMNS).astype(
         {c: float for c in ("final_score", "final_eval_return", "wall_seconds", "sps")})
     done = done.sort_values(["setting", "env", "seed"], kind="stable").reset_index(drop=True)
     not_done = index[index.state != "done"].drop(columns=["path"]).reset_index(drop=True)
-    return done, not_done
+    return RunRecords(done, not_done, unreadable)
+
+
+def collect_runs(exp_dir: Path | str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``(done, not_done)`` of :func:`read_runs` (which also lists the unreadable runs)."""
+    records = read_runs(exp_dir)
+    return records.done, records.not_done
 
 
 def load_reference_scores(path: Path | str | None = None) -> pd.DataFrame:

@@ -7,13 +7,16 @@ from klppo_bench.variants.registry import (
     Param,
     Variant,
     all_variants,
+    describe_source,
     get_variant,
     load_plugins,
     register,
     variant_rows,
+    variant_source,
 )
 
 __all__ = [
     "ENTRY_POINT_GROUP", "BetaSchedule", "JointNormal", "JointNormalMC", "Param", "Variant",
-    "all_variants", "get_variant", "load_plugins", "register", "variant_rows",
+    "all_variants", "describe_source", "get_variant", "load_plugins", "register",
+    "variant_rows", "variant_source",
 ]

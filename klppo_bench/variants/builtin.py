@@ -11,7 +11,7 @@ from __future__ import annotations
 from torchrl.objectives import ClipPPOLoss, KLPENPPOLoss, PPOLoss
 
 from klppo_bench.variants.distributions import JointNormal, JointNormalMC
-from klppo_bench.variants.registry import Param, Variant, register
+from klppo_bench.variants.registry import Param, Variant, make_source, register, registering_from
 
 COMMON = {
     "entropy_bonus": Param(False, bool, "add an entropy bonus (the paper uses none on MuJoCo)"),
@@ -86,5 +86,14 @@ BUILTINS = [
     _klpen("klpen-fixed-mc", "KL penalty, Monte-Carlo KL, fixed beta", adaptive=False, mc=True),
 ]
 
-for _variant in BUILTINS:
-    register(_variant)
+
+def _register_builtins() -> None:
+    from klppo_bench import __version__
+
+    with registering_from(make_source("builtin", __name__, package="klppo-bench",
+                                      version=__version__)):
+        for variant in BUILTINS:
+            register(variant)
+
+
+_register_builtins()

@@ -12,11 +12,9 @@ from __future__ import annotations
 import math
 import random
 import time
-from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
-import pandas as pd
 import torch
 from torchrl.collectors import Collector
 from torchrl.envs.utils import ExplorationType, set_exploration_type
@@ -24,97 +22,12 @@ from torchrl.objectives.value import GAE
 
 from klppo_bench.config import RunConfig
 from klppo_bench.errors import DivergenceError
+from klppo_bench.harness.common import (EVAL_SEED_OFFSET, RunResult, iteration_row,
+                                        max_episode_steps, next_eval_frame, set_lr)
 from klppo_bench.harness.env import make_env, sync_obs_stats
 from klppo_bench.harness.models import build_models
 from klppo_bench.variants import get_variant, load_plugins
 from klppo_bench.variants.distributions import joint_normal_kl
-
-EVAL_SEED_OFFSET = 1_000_003
-
-
-@dataclass
-class RunResult:
-    """Everything a run produces; the store writes it to disk."""
-
-    metrics: pd.DataFrame
-    """One row per iteration."""
-    episodes: pd.DataFrame
-    """One row per finished training episode (frames at its end, return, length)."""
-    evals: pd.DataFrame
-    """One row per deterministic evaluation episode."""
-    summary: dict = field(default_factory=dict)
-
-    @classmethod
-    def build(cls, cfg: RunConfig, rows: list[dict], episodes: list[tuple], evals: list[tuple],
-              iterations: int, wall: float, final_beta: float | None) -> "RunResult":
-        """Tables and summary from a run's rows; the final score is defined here, once."""
-        metrics = pd.DataFrame(rows)
-        episodes_df = pd.DataFrame(episodes, columns=["frames", "return", "length"])
-        evals_df = pd.DataFrame(evals, columns=["frames", "episode", "return", "length"])
-        window = episodes_df["return"].tail(cfg.eval.final_window)
-        frames = int(metrics["frames"].iloc[-1])
-        summary = {
-            "final_score": float(window.mean()) if len(window) else math.nan,
-            "final_score_episodes": int(len(window)),
-            "final_eval_return": float(evals_df[evals_df.frames == frames]["return"].mean()),
-            "frames": frames,
-            "iterations": iterations,
-            "episodes": int(len(episodes_df)),
-            "wall_seconds": wall,
-            "sps": frames / wall,
-            "final_beta": final_beta,
-        }
-        return cls(metrics, episodes_df, evals_df, summary)
-
-
-def set_lr(optim: torch.optim.Optimizer, tc, it: int, iterations: int) -> None:
-    """Iteration ``it``'s step size: linearly annealed to 0 over the run if ``anneal_lr``."""
-    if tc.anneal_lr:
-        for group in optim.param_groups:
-            group["lr"] = tc.lr * (1.0 - it / iterations)
-
-
-def next_eval_frame(frames: int, every: int) -> float:
-    """The first multiple of ``every`` after ``frames`` (``inf`` if ``every`` is 0: the last
-    iteration evaluates anyway)."""
-    return (frames // every + 1) * every if every else math.inf
-
-
-def iteration_row(it: int, frames: int, new_frames: int, episodes: list[tuple],
-                  losses: dict[str, float], *, kl_batch: float, kl_estimate: float,
-                  kl_estimate_err_std: float, beta: float, entropy: float, lr: float,
-                  update_seconds: float, wall_seconds: float) -> dict:
-    """One iteration's metrics row, identical in both engines (the store's schema).
-
-    ``episodes`` holds (frames at end, return, length) of every training episode so far;
-    ``losses`` the iteration's mean of each loss output (a key the loss lacks is NaN).
-    """
-    finished = [e for e in episodes if e[0] > frames - new_frames]
-    nan = math.nan
-    return {
-        "iteration": it,
-        "frames": frames,
-        "episodes": len(finished),
-        "episode_return": float(np.mean([e[1] for e in finished])) if finished else nan,
-        "episode_length": float(np.mean([e[2] for e in finished])) if finished else nan,
-        "loss_objective": losses["loss_objective"],
-        "loss_critic": losses.get("loss_critic", nan),
-        "kl": losses.get("kl", nan),
-        "kl_batch": kl_batch,
-        "kl_estimate": kl_estimate,
-        "kl_estimate_err_std": kl_estimate_err_std,
-        "kl_approx": losses.get("kl_approx", nan),
-        "beta": beta,
-        "entropy": entropy,
-        "clip_fraction": losses.get("clip_fraction", nan),
-        "explained_variance": losses.get("explained_variance", nan),
-        "grad_norm": losses["grad_norm"],
-        "lr": lr,
-        "update_seconds": update_seconds,
-        "wall_seconds": wall_seconds,
-        "sps": frames / wall_seconds,
-        "eval_return": nan,
-    }
 
 
 def seed_everything(seed: int) -> None:
@@ -128,20 +41,9 @@ def seed_everything(seed: int) -> None:
 def loss_kl_estimate(loss, batch) -> torch.Tensor:
     """Per-sample KL(old || new) as the loss itself estimates it (closed form or Monte-Carlo).
 
-    ``KLPENPPOLoss.forward`` also adapts its ``beta`` buffer; the value is restored so this
-    measurement never moves beta.
+    The beta schedule owns beta (:mod:`klppo_bench.variants.beta`), so this call moves nothing.
     """
-    beta = loss.beta.clone() if hasattr(loss, "beta") else None
-    out = loss(batch)
-    if beta is not None:
-        loss.beta.copy_(beta)
-    return out["kl"].reshape(-1)
-
-
-def max_episode_steps(env_id: str) -> int:
-    import gymnasium as gym
-
-    return gym.spec(env_id).max_episode_steps or 10_000
+    return loss(batch)["kl"].reshape(-1)
 
 
 def evaluate(eval_env, train_env, policy, episodes: int, max_steps: int) -> list[tuple]:
@@ -194,6 +96,7 @@ def train(cfg: RunConfig, progress: bool | None = None,
     models = build_models(obs_dim, action_dim, cfg.model, variant.distribution_class, device)
     loss = variant.build_loss(models.loss_actor, models.loss_critic, cfg.loss)
     beta_schedule = variant.beta_schedule(cfg.loss)
+    beta = getattr(loss, beta_schedule.buffer) if beta_schedule.buffer else None
     gae = GAE(gamma=tc.gamma, lmbda=tc.lmbda, value_network=models.value, average_gae=False,
               device=device)
     params = [p for p in models.modules.parameters()]
@@ -232,6 +135,8 @@ def train(cfg: RunConfig, progress: bool | None = None,
                 perm = torch.randperm(flat.numel(), generator=perm_gen).to(device)
                 for idx in perm.split(tc.minibatch_size):
                     out = loss(flat[idx])
+                    if beta is not None:  # before backward: see MinibatchBeta
+                        beta_schedule.after_loss(beta, float(out["kl"].mean()), cfg.loss)
                     total = sum(v for k, v in out.items() if k.startswith("loss_"))
                     if not torch.isfinite(total):
                         bad = {k: float(v.mean()) for k, v in out.items() if k.startswith("loss_")}
@@ -263,13 +168,14 @@ def train(cfg: RunConfig, progress: bool | None = None,
                     kl_samples = loss_kl_estimate(loss, flat)
                     kl_estimate = float(kl_samples.mean())
                     kl_estimate_err = float((kl_samples - kl_batch).std())
-            beta_schedule.after_iteration(loss, kl_estimate, cfg.loss)
+            if beta is not None:
+                beta_schedule.after_iteration(beta, kl_estimate, cfg.loss)
             now = time.perf_counter()
             row = iteration_row(
                 it, frames, n_new, episodes, {k: float(np.mean(v)) for k, v in stats.items()},
                 kl_batch=float(kl_batch.mean()), kl_estimate=kl_estimate,
                 kl_estimate_err_std=kl_estimate_err,
-                beta=float(loss.beta) if hasattr(loss, "beta") else math.nan,
+                beta=float(beta) if beta is not None else math.nan,
                 entropy=float(entropy), lr=optim.param_groups[0]["lr"],
                 update_seconds=now - t_iter, wall_seconds=now - start)
             if frames >= next_eval or it == iterations - 1:
@@ -291,4 +197,4 @@ def train(cfg: RunConfig, progress: bool | None = None,
         eval_env.close()
 
     return RunResult.build(cfg, rows, episodes, evals, iterations, time.perf_counter() - start,
-                           float(loss.beta) if hasattr(loss, "beta") else None)
+                           float(beta) if beta is not None else None)

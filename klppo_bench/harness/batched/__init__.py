@@ -1,0 +1,17 @@
+"""The batched engine: S lanes (seeds, and settings that differ only in hyperparameter values)
+in one process, each lane through its variant's own loss module (``torch.func.vmap``).
+
+* :mod:`.engine` -- the training loop (:func:`train_batched`);
+* :mod:`.lanes` -- the variant's loss module called for all lanes at once;
+* :mod:`.job` -- which runs share a job, why a run cannot be batched, each lane's record;
+* :mod:`.nets`, :mod:`.envs`, :mod:`.optim` -- stacked networks for acting, the lanes'
+  environments, per-lane Adam and gradient clipping.
+"""
+
+from klppo_bench.harness.batched.engine import build_lanes, train_batched
+from klppo_bench.harness.batched.job import (batch_unsupported_reason, check_batch,
+                                             execute_batch, lane_key)
+from klppo_bench.harness.batched.lanes import LaneLoss, LaneUnsupported
+
+__all__ = ["LaneLoss", "LaneUnsupported", "batch_unsupported_reason", "build_lanes",
+           "check_batch", "execute_batch", "lane_key", "train_batched"]

@@ -1,0 +1,241 @@
+"""A batched job: which runs may share one, why a run cannot be batched, and each lane's record.
+
+Lanes of one job share everything but the seed, the variant's parameters and ``train.lr``, and
+their loss modules must agree in everything that is not a tensor (:func:`lane_key`): so the
+seeds of one setting, and the settings of a ``dtarg x increment`` grid or of the PPO paper's
+Table 1 rows that use one loss class, pack into full jobs.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+import traceback
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from klppo_bench.config import RunConfig
+from klppo_bench.harness.provenance import provenance
+from klppo_bench.harness.vector_step import stepper_name
+from klppo_bench.store import RunDir
+from klppo_bench.variants import get_variant, load_plugins
+from klppo_bench.variants.distributions import JointNormal, JointNormalMC
+
+__all__ = ["batch_unsupported_reason", "check_batch", "execute_batch", "lane_key"]
+
+_LANE_FREE = ("seed", "loss")
+"""Config keys lanes of one job may differ in (and ``train.lr``)."""
+
+
+def _shared_part(cfg: RunConfig) -> dict:
+    d = {k: v for k, v in cfg.to_dict().items() if k not in _LANE_FREE}
+    d["train"] = {k: v for k, v in d["train"].items() if k != "lr"}
+    return d
+
+
+def _frozen(obj) -> str:
+    return json.dumps(obj, sort_keys=True, default=str)
+
+
+@functools.lru_cache(maxsize=512)
+def _loss_structure(variant: str, plugins: tuple, params: str, model: str) -> str:
+    from klppo_bench.harness.batched.lanes import loss_structure
+    from klppo_bench.harness.batched.nets import init_seed_models
+    from klppo_bench.config import ModelConfig
+
+    load_plugins(plugins)
+    v = get_variant(variant)
+    with torch.random.fork_rng(devices=[]):
+        models, _ = init_seed_models(3, 2, ModelConfig(**json.loads(model)),
+                                     v.distribution_class, 0)
+    return loss_structure(v.build_loss(models.loss_actor, models.loss_critic, json.loads(params)))
+
+
+def _model_json(cfg: RunConfig) -> str:
+    return _frozen(cfg.to_dict()["model"])
+
+
+def lane_key(cfg: RunConfig) -> str:
+    """Runs with equal keys can be lanes of one batched job."""
+    structure = _loss_structure(cfg.variant, tuple(cfg.plugins), _frozen(cfg.loss),
+                                _model_json(cfg))
+    schedule = get_variant(cfg.variant).beta_schedule(cfg.loss).name
+    return _frozen([_shared_part(cfg), schedule, structure])
+
+
+def check_batch(cfgs: list[RunConfig]) -> None:
+    """Raise ``ValueError`` unless ``cfgs`` is non-empty, its runs distinct, and they differ
+    only in the seed, the variant's parameters and ``train.lr``."""
+    if not cfgs:
+        raise ValueError("a batch needs at least one run config")
+    ref = _shared_part(cfgs[0])
+    for cfg in cfgs[1:]:
+        other = _shared_part(cfg)
+        if other != ref:
+            diff = sorted(k for k in ref if ref[k] != other.get(k))
+            raise ValueError(f"lanes of a batched job must differ only in seed, loss "
+                             f"parameters and train.lr; {diff} differ")
+    ids = [c.run_id() for c in cfgs]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"batched runs need distinct configs (seeds {[c.seed for c in cfgs]})")
+
+
+@functools.lru_cache(maxsize=512)
+def _probe(variant: str, plugins: tuple, params: str, model: str) -> str | None:
+    """Run two lanes of the variant's loss under vmap on a tiny synthetic batch, in a forked
+    child where the platform has ``fork``: the probe runs the user's loss code, and a loss that
+    crashes or kills its process must not take the planning sweep (or ``run``) down with it."""
+    import multiprocessing as mp
+
+    if "fork" not in mp.get_all_start_methods():
+        return _probe_here(variant, plugins, params, model)
+    ctx = mp.get_context("fork")
+    recv, send = ctx.Pipe(duplex=False)
+    child = ctx.Process(target=_probe_child, args=(send, variant, plugins, params, model),
+                        daemon=True)
+    child.start()
+    send.close()
+    reason = "no answer"
+    if recv.poll(300):
+        try:
+            reason = recv.recv()
+        except EOFError:  # the child died before it could answer
+            reason = "no answer"
+    child.join(10)
+    if reason == "no answer":
+        code = child.exitcode
+        how = f"signal {-code}" if code is not None and code < 0 else f"exit code {code}"
+        return (f"variant {variant}: its loss module ended the process that tried it under "
+                f"torch.func.vmap ({how})")
+    return reason
+
+
+def _probe_child(send, *args) -> None:
+    try:
+        send.send(_probe_here(*args))
+    finally:
+        send.close()
+        os._exit(0)
+
+
+def _probe_here(variant: str, plugins: tuple, params: str, model: str) -> str | None:
+    from tensordict import TensorDict
+
+    from klppo_bench.config import ModelConfig
+    from klppo_bench.harness.batched.engine import build_lanes
+    from klppo_bench.harness.batched.lanes import distribution_validation_off
+
+    load_plugins(plugins)
+    v = get_variant(variant)
+    cfg = RunConfig(variant=variant, env="Hopper-v5", seed=0, loss=json.loads(params),
+                    plugins=plugins, model=ModelConfig(**json.loads(model)))
+    cfgs = [cfg, RunConfig.from_dict({**cfg.to_dict(), "seed": 1})]
+    S, B, D, A = 2, 8, 3, 2
+    try:
+        with torch.random.fork_rng(devices=[]):
+            nets, lane_loss, _ = build_lanes(cfgs, D, A, torch.device("cpu"))
+            gen = torch.Generator().manual_seed(0)
+            obs = torch.randn(S, B, D, generator=gen)
+            with torch.no_grad():
+                loc = nets.loc(obs) + 0.1 * torch.randn(S, B, A, generator=gen)
+                scale = nets.scale().expand(S, B, A)
+                action = loc + scale * torch.randn(S, B, A, generator=gen)
+                with distribution_validation_off():
+                    log_prob = v.distribution_class(loc, scale).log_prob(action)
+            batch = TensorDict({"observation": obs, "action": action, "loc": loc, "scale": scale,
+                                lane_loss.module.tensor_keys.sample_log_prob: log_prob,
+                                "advantage": torch.randn(S, B, 1, generator=gen),
+                                "value_target": torch.randn(S, B, 1, generator=gen)}, [S, B])
+            out = lane_loss(batch)
+            sum(out[k].sum() for k in out.keys()
+                if isinstance(k, str) and k.startswith("loss_")).backward()
+    except Exception as err:  # noqa: BLE001 -- any failure means: not vectorizable as it is
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        return (f"variant {variant}: its loss module ({v.loss_class.__name__}) cannot run "
+                f"under torch.func.vmap ({type(err).__name__}: {first[:160]})")
+    return None
+
+
+def batch_unsupported_reason(cfg: RunConfig) -> str | None:
+    """``None`` if ``cfg`` can run on the batched engine, else why not (one line)."""
+    load_plugins(cfg.plugins)
+    variant = get_variant(cfg.variant)
+    if cfg.model.trunk != "separate":
+        return f"model.trunk={cfg.model.trunk} (batched engine: separate trunks only)"
+    if not issubclass(variant.distribution_class, (JointNormal, JointNormalMC)):
+        return (f"variant {cfg.variant}: distribution {variant.distribution_class.__name__} "
+                "(the batched engine samples actions as loc + scale * N(0, 1): JointNormal, "
+                "JointNormalMC)")
+    return _probe(cfg.variant, tuple(cfg.plugins), _frozen(cfg.loss), _model_json(cfg))
+
+
+def execute_batch(cfgs: list[RunConfig], exp_dir: Path | str, progress: bool | None = None,
+                  settings: list[str | None] | None = None, raise_errors: bool = False,
+                  on_iteration: Callable[[RunConfig, dict], None] | None = None,
+                  write: list[bool] | None = None) -> list[RunDir]:
+    """Train the lanes of ``cfgs`` together; store each as :func:`execute_run` would.
+
+    Each seed gets ``exp_dir/runs/<run_id>/`` (``RunDir.start`` / ``finish`` / ``fail``).
+    A seed whose run is already ``done`` is not written again, so a killed batched job
+    resumes at seed granularity. With ``write`` (one flag per config) exactly the flagged,
+    not-done seeds are written but *every* seed is trained: the sweep uses it to resume a
+    partly finished job with its original composition, since the batch size S changes float
+    rounding. Without it, done seeds are left out of the batch. A seed that diverges is
+    recorded ``failed`` and the others go on; an error that ends the whole batch is recorded
+    on every seed being written (re-raised only when ``raise_errors``). Returns the run
+    directories in the order of ``cfgs``.
+    """
+    from klppo_bench.harness.batched.engine import train_batched
+
+    torch.set_num_threads(1)
+    check_batch(cfgs)
+    settings = settings or [None] * len(cfgs)
+    runs = [RunDir(Path(exp_dir) / "runs" / c.run_id()) for c in cfgs]
+    flags = write or [True] * len(cfgs)
+    writing = [i for i, run in enumerate(runs) if flags[i] and run.state() != "done"]
+    if not writing:
+        return runs
+    trained = list(range(len(cfgs))) if write is not None else writing
+    batch = [cfgs[i] for i in trained]
+    prov = provenance(cfgs[0].device)
+    prov.update(engine="batched", batch_seeds=[c.seed for c in batch],
+                batch_runs=[c.run_id() for c in batch],
+                env_stepper=stepper_name(cfgs[0].env))
+    for i in writing:
+        runs[i].start(cfgs[i].to_dict(), setting=settings[i], provenance=prov)
+    t0 = time.time()
+    hook = None
+    if on_iteration is not None:
+        def hook(k: int, row: dict) -> None:
+            if trained[k] in writing:
+                on_iteration(batch[k], row)
+    try:
+        results = train_batched(batch, progress=progress, on_iteration=hook)
+    except Exception as err:  # recorded on every seed being written, not lost
+        for i in writing:
+            runs[i].fail(f"{type(err).__name__}: {err}", traceback=traceback.format_exc(limit=8),
+                         seconds=time.time() - t0)
+        if raise_errors:
+            raise
+        return runs
+    # `seconds` is each seed's share of the process time, so wall-clock cost per run compares
+    # across engines; the whole batch's time is kept as `batch_seconds`.
+    batch_seconds = time.time() - t0
+    timing = {"seconds": batch_seconds / len(batch), "batch_seconds": batch_seconds}
+    result_of = dict(zip(trained, results))
+    for i in writing:
+        result = result_of[i]
+        if isinstance(result, Exception):
+            runs[i].fail(f"{type(result).__name__}: {result}", traceback=None, **timing)
+        else:
+            runs[i].finish({"metrics": result.metrics, "episodes": result.episodes,
+                            "evals": result.evals}, result.summary, **timing)
+    if raise_errors:
+        failures = [result_of[i] for i in writing if isinstance(result_of[i], Exception)]
+        if failures:
+            raise failures[0]
+    return runs

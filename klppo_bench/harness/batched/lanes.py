@@ -1,0 +1,245 @@
+"""A variant's own loss module, called for S lanes at once with ``torch.func.vmap``.
+
+A lane is one run (a seed, possibly with its own hyperparameters) of a batched job. Each lane
+builds the loss module the variant builds for it (``Variant.build_loss``); their parameters
+and buffers are stacked along a leading lane dimension (the model parameters *are* the
+engine's stacked parameters, so optimizer steps show at once) and one module is called under
+``vmap`` with each lane's state swapped in (tensordict's ``to_module``). Inside the call the
+module sees exactly what the reference engine gives it: one lane's parameters and a ``[B]``
+minibatch. Every reduction, advantage normalization, branch and random draw is per lane.
+
+What the plain ``vmap`` cannot do, and what :class:`_LaneMode` (a ``TorchFunctionMode`` active
+during the call) does instead:
+
+* **Data-dependent Python branches** (``if x.isfinite().all():``, ``if kl.mean() > ...``).
+  ``bool()`` of a lane-batched tensor is answered when every lane gives the same answer;
+  when lanes differ, :class:`LanesDisagree` is raised and :meth:`LaneLoss.__call__` reruns
+  that call lane by lane (``vmap`` over one lane), so each lane takes its own branch. The
+  KL-penalty beta rule is not such a branch: the variant's beta schedule owns it (both
+  engines), and the loss is built with thresholds that never fire
+  (:mod:`klppo_bench.variants.beta`).
+* **Per-lane random streams.** A random op inside the loss (the Monte-Carlo KL's draws from
+  the old policy, a sampled entropy) draws, for lane ``s``, from ``generators[s]`` with the
+  same call the reference engine makes on its global generator, so a lane's draws are those
+  of its reference run and never depend on which other lanes share the job.
+* ``squeeze(dim)`` of a 0-d tensor (torchrl's ``_reduce_loss(...).squeeze(-1)``) fails under
+  ``vmap`` in torch 2.13 ("Dimension is out of range ... [-1, 0], but got [-1]") although it
+  is the identity in eager mode; it is answered with the tensor itself.
+
+``torch.distributions`` argument validation calls ``bool()`` on whole tensors and is switched
+off during the call (the values are the same; the reference engine's validation still runs).
+
+A loss that cannot run this way (it writes ``.data`` of a buffer, calls ``.item()`` on
+lane-dependent values that differ, uses an op without a batching rule, ...) is found by
+:func:`probe_lanes` on a tiny synthetic batch; the planner then sends its runs to the
+reference engine and says why in one line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Sequence
+
+import torch
+from tensordict import TensorDict
+from torch._C import _functorch as _ft
+from torch.func import vmap
+from torch.overrides import TorchFunctionMode
+
+__all__ = ["LaneLoss", "LanesDisagree", "LaneUnsupported", "distribution_validation_off",
+           "lane_state_differences", "loss_structure"]
+
+
+class LaneUnsupported(ValueError):
+    """These runs cannot share one batched job (the message says what blocks it)."""
+
+
+class LanesDisagree(RuntimeError):
+    """Lanes took different branches of a Python ``if`` inside the loss."""
+
+
+_RANDOM_OUT_OF_PLACE = {torch.normal, torch.randn, torch.rand, torch.randint, torch.bernoulli,
+                        torch.multinomial, torch.poisson, torch.randn_like, torch.rand_like,
+                        torch.randint_like}
+_RANDOM_IN_PLACE = {torch.Tensor.normal_, torch.Tensor.uniform_, torch.Tensor.bernoulli_,
+                    torch.Tensor.exponential_, torch.Tensor.random_, torch.Tensor.cauchy_,
+                    torch.Tensor.log_normal_, torch.Tensor.geometric_}
+_SCALAR_READS = {torch.Tensor.__bool__, torch.Tensor.item, torch.Tensor.__float__,
+                 torch.Tensor.__int__}
+_SQUEEZE = {torch.Tensor.squeeze, torch.squeeze}
+
+
+def _is_batched(x) -> bool:
+    return isinstance(x, torch.Tensor) and _ft.is_batchedtensor(x)
+
+
+def _physical(t: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The lane-stacked tensor behind a batched tensor (lanes first) and its vmap level."""
+    level = _ft.maybe_get_level(t)
+    bdim = _ft.maybe_get_bdim(t)
+    return _ft.get_unwrapped(t).movedim(bdim, 0), level
+
+
+class _LaneMode(TorchFunctionMode):
+    """See the module docstring; ``generators[i]`` is lane ``i``'s random stream."""
+
+    def __init__(self, generators: Sequence[torch.Generator]):
+        super().__init__()
+        self.generators = generators
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _SQUEEZE and (len(args) > 1 or "dim" in kwargs) and args[0].dim() == 0:
+            return args[0]
+        if func in _SCALAR_READS and _is_batched(args[0]):
+            lanes, _ = _physical(args[0])
+            first = lanes[0]
+            if not bool((lanes == first).all()):
+                raise LanesDisagree(f"lanes differ in a value read by Python ({func.__name__})")
+            return func(first, *args[1:], **kwargs)
+        if func in _RANDOM_OUT_OF_PLACE or func in _RANDOM_IN_PLACE:
+            level = _ft.maybe_current_level()
+            if level is not None and "generator" not in kwargs:
+                return self._per_lane(func, args, kwargs, level)
+        return func(*args, **kwargs)
+
+    def _per_lane(self, func, args, kwargs, level):
+        """Lane ``i`` makes ``func``'s draw with ``generators[i]``; result batched at ``level``."""
+        phys = [(_physical(a)[0] if _is_batched(a) else a) for a in args]
+        kw = {k: (_physical(v)[0] if _is_batched(v) else v) for k, v in kwargs.items()}
+        outs = []
+        # below vmap: a plain draw from the lane's generator (vmap's own random handling, the
+        # FuncTorchVmapMode key, would otherwise batch each lane's draw over all lanes)
+        with torch._C._ExcludeDispatchKeyGuard(
+                torch._C.DispatchKeySet(torch._C.DispatchKey.FuncTorchVmapMode)):
+            outs = self._draws(func, args, kwargs, phys, kw)
+        return _ft._add_batch_dim(torch.stack(outs), 0, level)
+
+    def _draws(self, func, args, kwargs, phys, kw) -> list[torch.Tensor]:
+        outs = []
+        for i, gen in enumerate(self.generators):
+            lane_args = [(a[i] if _is_batched(orig) else a) for a, orig in zip(phys, args)]
+            lane_kw = {k: (v[i] if _is_batched(kwargs[k]) else v) for k, v in kw.items()}
+            if func in _RANDOM_IN_PLACE:
+                # an in-place draw into a lane's tensor: draw into a fresh copy per lane and
+                # return the batched result (callers use the return value, e.g.
+                # torch.distributions' ``torch.empty(shape).normal_()``)
+                target = lane_args[0].detach().clone()
+                outs.append(func(target, *lane_args[1:], generator=gen, **lane_kw))
+            else:
+                outs.append(func(*lane_args, generator=gen, **lane_kw))
+        return outs
+
+
+@contextlib.contextmanager
+def distribution_validation_off():
+    """``torch.distributions`` argument validation off inside the block (restored after)."""
+    previous = torch.distributions.Distribution._validate_args
+    torch.distributions.Distribution.set_default_validate_args(False)
+    try:
+        yield
+    finally:
+        torch.distributions.Distribution.set_default_validate_args(previous)
+
+
+# KLPENPPOLoss keeps its initial beta as a float for ``reset()`` (never called by the
+# harness); the live value is the ``beta`` buffer, which is stacked per lane.
+_LANE_FREE_ATTRIBUTES = frozenset({"_beta_init"})
+_PLAIN = (bool, int, float, str, type(None), tuple)
+
+
+def _plain_state(module: torch.nn.Module) -> dict:
+    return {k: v for k, v in vars(module).items()
+            if isinstance(v, _PLAIN) and k not in _LANE_FREE_ATTRIBUTES}
+
+
+def loss_structure(loss: torch.nn.Module) -> str:
+    """What lanes must share to share one vmapped call: the loss class, its attributes that
+    are not tensors, and the shapes of its parameters and buffers (one string)."""
+    plain = sorted((k, "nan" if isinstance(v, float) and math.isnan(v) else repr(v))
+                   for k, v in _plain_state(loss).items())
+    shapes = sorted((str(k), tuple(v.shape))
+                    for k, v in TensorDict.from_module(loss).items(True, True))
+    return repr((f"{type(loss).__module__}.{type(loss).__qualname__}", plain, shapes))
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return True
+    return type(a) is type(b) and a == b
+
+
+def lane_state_differences(losses: Sequence[torch.nn.Module]) -> list[str]:
+    """Attributes (not tensors) in which the lanes' loss modules differ; ``[]`` if they can
+    share one vmapped call. Values kept in parameters or buffers (beta, clip_epsilon,
+    critic_coeff, entropy_coeff, ...) may differ: they are stacked per lane."""
+    if any(type(l) is not type(losses[0]) for l in losses):
+        return ["loss class"]
+    ref = _plain_state(losses[0])
+    diff = set()
+    for loss in losses[1:]:
+        other = _plain_state(loss)
+        diff |= {k for k in ref.keys() | other.keys()
+                 if k not in ref or k not in other or not _same(ref[k], other[k])}
+    shapes0 = {k: v.shape for k, v in TensorDict.from_module(losses[0]).items(True, True)}
+    for loss in losses[1:]:
+        for k, v in TensorDict.from_module(loss).items(True, True):
+            if shapes0.get(k) != v.shape:
+                diff.add(f"shape of {k}")
+    return sorted(map(str, diff))
+
+
+class LaneLoss:
+    """S lanes' loss modules as one vmapped call.
+
+    Args:
+        losses: one loss module per lane, as ``Variant.build_loss`` makes them.
+        shared: for each parameter of lane 0's model (by identity), the engine's stacked
+            ``[S, *shape]`` tensor; lane ``s``'s slice replaces lane ``s``'s own parameter.
+        generators: lane ``s``'s random stream for draws made inside the loss.
+
+    Raises:
+        LaneUnsupported: the lanes' modules differ in something that is not a tensor.
+    """
+
+    def __init__(self, losses: Sequence[torch.nn.Module], shared: dict[int, torch.Tensor],
+                 generators: Sequence[torch.Generator]):
+        diff = lane_state_differences(losses)
+        if diff:
+            raise LaneUnsupported(f"lanes' loss modules differ in {', '.join(diff)}")
+        self.module = losses[0]
+        self.lanes = len(losses)
+        self.generators = list(generators)
+        per_lane = [TensorDict.from_module(l) for l in losses]
+        state = TensorDict({}, batch_size=[self.lanes])
+        for key, leaf in per_lane[0].items(True, True):
+            if id(leaf) in shared:
+                state.set(key, shared[id(leaf)])
+            else:  # buffers and the loss's own tensors: one copy per lane
+                state.set(key, torch.stack([td.get(key).detach() for td in per_lane]).clone())
+        self.state = state
+        self._vmapped = vmap(self._one_lane, in_dims=(0, 0), randomness="different")
+
+    def _one_lane(self, state: TensorDict, batch: TensorDict) -> TensorDict:
+        with state.to_module(self.module):
+            return self.module(batch)
+
+    def buffer(self, name: str) -> torch.Tensor | None:
+        """The ``[S]`` stacked buffer ``name`` (e.g. ``beta``), or ``None``."""
+        return self.state.get(name, None)
+
+    def __call__(self, batch: TensorDict) -> TensorDict:
+        """The loss output of every lane, ``[S]`` leading (``batch`` is ``[S, B]``)."""
+        states = [g.get_state() for g in self.generators]
+        try:
+            with distribution_validation_off(), _LaneMode(self.generators):
+                return self._vmapped(self.state, batch)
+        except LanesDisagree:
+            for g, st in zip(self.generators, states):
+                g.set_state(st)  # the lane-by-lane rerun makes the same draws
+        outs = []
+        for s in range(self.lanes):
+            with distribution_validation_off(), _LaneMode(self.generators[s:s + 1]):
+                outs.append(self._vmapped(self.state[s:s + 1], batch[s:s + 1]))
+        return torch.cat(outs)

@@ -1,0 +1,179 @@
+"""Read the results store into a :class:`Report`: runs done and not done, runs that cannot be
+read, each run's metrics, the random-policy scores, normalized scores and notes.
+
+Nothing is dropped silently: runs that are not done, runs whose record cannot be read (a
+damaged ``metrics.parquet``, a ``status.json`` that is not JSON, a table missing columns),
+runs without a final score and unequal seed counts are written into ``notes`` (and the
+unreadable ones into ``Report.unreadable``), which report.md shows first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from klppo_bench.errors import ConfigError
+from klppo_bench.report.tables import fmt
+from klppo_bench.stats.random_policy import random_scores
+from klppo_bench.stats.scores import read_runs, score_table, varied_params
+from klppo_bench.store import Unreadable, load_tables
+
+METRICS_REQUIRED = ("frames", "episode_return")
+"""Columns every run's ``metrics.parquet`` must have to be reported (its learning curve)."""
+
+
+@dataclass
+class ReportOptions:
+    reps: int = 2000
+    """Bootstrap repetitions of every interval."""
+    random_state: int = 0
+    """Seed of every bootstrap (each interval is seeded afresh with it)."""
+    baseline: str = "clip"
+    """Setting (or variant with one setting) that probability of improvement compares to."""
+    random_episodes: int = 100
+    """Episodes of the uniform-random policy per env."""
+    random_seed: int = 0
+    """Seed of the random-policy measurement."""
+    out: Path | None = None
+    """Report directory (default ``<experiment>/report``)."""
+    cache_dir: Path | None = None
+    """Random-score cache directory (default ``<results root>/.cache``)."""
+
+
+@dataclass
+class Report:
+    """What was read, computed and written; :mod:`klppo_bench.report.document` renders it."""
+    exp_dir: Path
+    out: Path
+    options: ReportOptions
+    runs: pd.DataFrame = None                       # done runs with a final score
+    not_done: pd.DataFrame = None                   # pending / running / failed runs
+    unreadable: list[Unreadable] = field(default_factory=list)  # skipped: record not readable
+    metrics: pd.DataFrame = None                    # long metrics of ``runs``
+    scores: pd.DataFrame = None                     # scores.csv
+    constants: pd.DataFrame = None                  # per env: random, best, reference
+    random: dict = field(default_factory=dict)      # env -> random-policy record
+    settings: list = field(default_factory=list)    # baseline first
+    envs: list = field(default_factory=list)
+    baseline: str | None = None
+    params: dict = field(default_factory=dict)      # setting -> varied parameters
+    engines: dict = field(default_factory=dict)     # setting -> "batched", "batched+reference"
+    notes: list = field(default_factory=list)
+    score_sets: dict = field(default_factory=dict)  # normalization -> setting -> env -> scores
+    aggregates: pd.DataFrame = None                 # every estimate (aggregates.csv)
+    poi_baseline: pd.DataFrame = None
+    poi_pairwise: pd.DataFrame = None
+    best_tied: dict = field(default_factory=dict)   # env -> settings tied with the best
+    cost: pd.DataFrame = None                       # wall-clock per setting and engine
+    sensitivity: pd.DataFrame = None                # dtarg x increment cells, if any
+    tables: dict = field(default_factory=dict)      # name -> markdown
+    figures: dict = field(default_factory=dict)     # name -> png path relative to out
+
+    @property
+    def mixed_engines(self) -> bool:
+        """Whether the reported runs ran on more than one engine."""
+        return self.runs is not None and self.runs.engine.nunique() > 1
+
+
+def _resolve_baseline(requested: str, runs: pd.DataFrame, settings: list[str], notes: list):
+    if requested in settings:
+        return requested
+    candidates = sorted(runs.loc[runs.variant == requested, "setting"].unique())
+    if len(candidates) > 1:
+        notes.append(f"Baseline `{requested}` has several settings ({', '.join(candidates)}); "
+                     f"using `{candidates[0]}`.")
+    if candidates:
+        return candidates[0]
+    notes.append(f"Baseline `{requested}` is not a setting of this experiment (settings: "
+                 f"{', '.join(settings)}); probability of improvement vs a baseline is skipped "
+                 f"(choose one with `--baseline`).")
+    return None
+
+
+def _count_notes(rep: Report) -> None:
+    for s in rep.settings:
+        counts = rep.runs[rep.runs.setting == s].groupby("env").size()
+        absent = sorted(set(rep.envs) - set(counts.index))
+        if counts.nunique() > 1 or absent:
+            rep.notes.append(
+                f"Unequal seeds: `{s}` has " + ", ".join(f"{e}: {n}" for e, n in counts.items())
+                + (f" and no run on {', '.join(absent)}" if absent else "")
+                + ". Its aggregates use every run (per-task stratified bootstrap, tasks "
+                  "weighted equally); nothing is truncated.")
+    per_setting = rep.runs.groupby("setting").size()
+    if per_setting.nunique() > 1:
+        rep.notes.append("Settings have different numbers of runs: " + ", ".join(
+            f"{s}: {per_setting[s]}" for s in rep.settings) + ".")
+
+
+def engines_of(runs: pd.DataFrame, settings: list[str]) -> dict[str, str]:
+    """``{setting: "batched"}``, or ``"batched+reference"`` where its runs used several."""
+    return {s: "+".join(sorted(runs.loc[runs.setting == s, "engine"].unique()))
+            for s in settings}
+
+
+def _read_store(rep: Report) -> None:
+    """Runs (done, not done, unreadable) and the metrics of the done ones."""
+    records = read_runs(rep.exp_dir)
+    runs, rep.not_done, rep.unreadable = records.done, records.not_done, records.unreadable
+    index = runs.assign(path=[str(rep.exp_dir / "runs" / r) for r in runs.run_id])
+    rep.metrics, bad = load_tables(index, "metrics", METRICS_REQUIRED)
+    rep.unreadable += bad
+    readable = ~runs.run_id.isin({u.run_id for u in bad})
+    if len(rep.unreadable):
+        rep.notes.append(f"{len(rep.unreadable)} run(s) could not be read and are left out of "
+                         f"every table and figure -- listed under *Runs not readable*.")
+    no_score = runs[readable & ~np.isfinite(runs.final_score)]
+    rep.runs = runs[readable & np.isfinite(runs.final_score)].reset_index(drop=True)
+    rep.metrics = rep.metrics[rep.metrics.run_id.isin(rep.runs.run_id)].reset_index(drop=True)
+    if len(no_score):
+        rep.notes.append(f"{len(no_score)} finished run(s) have no final score (no training "
+                         f"episode ended) and are left out of the statistics: "
+                         + ", ".join(no_score.run_id))
+
+
+def collect(exp_dir: Path, opts: ReportOptions) -> Report:
+    """Runs, random-policy scores and normalized scores; raises ConfigError before writing
+    anything when there is nothing to report."""
+    exp_dir = Path(exp_dir)
+    if not (exp_dir / "runs").is_dir():
+        raise ConfigError(f"report: {exp_dir}: no runs directory ({exp_dir}/runs/<run_id>/); "
+                          f"allowed: an experiment directory written by `klppo-bench sweep`")
+    if opts.reps < 1 or opts.random_episodes < 1:
+        raise ConfigError(f"report: --reps={opts.reps}, --random-episodes="
+                          f"{opts.random_episodes}; allowed: int >= 1")
+    rep = Report(exp_dir=exp_dir, out=Path(opts.out or exp_dir / "report"), options=opts)
+    _read_store(rep)
+    if rep.runs.empty:
+        first = f"; first: {rep.unreadable[0].path}: {rep.unreadable[0].error}" \
+            if rep.unreadable else ""
+        raise ConfigError(f"report: {exp_dir}: no finished run with a final score "
+                          f"({len(rep.not_done)} not done, {len(rep.unreadable)} not "
+                          f"readable{first}); allowed: an experiment with at least one "
+                          f"readable done run")
+    if len(rep.not_done):
+        counts = rep.not_done.state.value_counts()
+        rep.notes.append("Runs not in the statistics (not done): "
+                         + ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
+                         + " -- listed under *Runs not done*.")
+    rep.envs = sorted(rep.runs.env.unique())
+    settings = sorted(rep.runs.setting.unique())
+    rep.baseline = _resolve_baseline(opts.baseline, rep.runs, settings, rep.notes)
+    rep.settings = [s for s in settings if s == rep.baseline] + \
+                   [s for s in settings if s != rep.baseline]
+    rep.params = varied_params(rep.runs)
+    rep.engines = engines_of(rep.runs, rep.settings)
+    _count_notes(rep)
+    cache = opts.cache_dir or exp_dir.parent / ".cache"
+    rep.random = random_scores(rep.envs, cache, opts.random_episodes, opts.random_seed)
+    rep.scores, rep.constants = score_table(rep.runs,
+                                            {e: r["mean"] for e, r in rep.random.items()})
+    for r in rep.constants.itertuples():
+        if r.best_score <= r.random_score:
+            rep.notes.append(f"On {r.env} even the best setting ({fmt(r.best_score)}) does not "
+                             f"beat the random policy ({fmt(r.random_score)}): its min-max "
+                             f"normalized scores are not meaningful (training too short?).")
+    return rep
