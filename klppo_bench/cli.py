@@ -83,7 +83,7 @@ def _cmd_report(args) -> int:
     target = Path(args.experiment)
     if target.suffix in (".yaml", ".yml") and target.is_file():
         # a spec: its experiment directory is <results>/<the spec's name:>, as `sweep` writes
-        from klppo_bench.sweep import load_spec
+        from klppo_bench.spec import load_spec
 
         args.experiment = str(Path(args.results) / load_spec(target).name)
     return main_report(args)

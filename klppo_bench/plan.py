@@ -57,8 +57,8 @@ def plan_jobs(runs: list[_Planned], engine: str = "auto", lanes_per_process: int
 
     Each job is a list of job entries (``run.job_entry()`` plus ``engine`` and ``run_id``).
     Runs with one lane key form a group; a group is split evenly into jobs of at most
-    ``lanes_per_process`` lanes, by default the largest size that still gives every worker a
-    job (at most 32). A reference-engine run is a job of its own. ``reasons`` maps each
+    ``lanes_per_process`` lanes, by default an even share of all batched lanes per worker
+    (at most 32), so a big group is split rather than left to one worker. A reference-engine run is a job of its own. ``reasons`` maps each
     setting sent to the reference engine under ``auto`` to why (one line).
     """
     from klppo_bench.harness.batched import lane_key
@@ -75,14 +75,10 @@ def plan_jobs(runs: list[_Planned], engine: str = "auto", lanes_per_process: int
                 reasons.setdefault(run.setting, reason)
             continue
         groups.setdefault(lane_key(run.config), []).append(run)
-    sizes = [len(g) for g in groups.values()]
     size = lanes_per_process
-    if size is None:
-        size = 1
-        for n in range(min(max(sizes, default=1), MAX_LANES_PER_PROCESS), 0, -1):
-            if sum(-(-g // n) for g in sizes) + len(single) >= workers:
-                size = n
-                break
+    if size is None:  # an even share of all batched lanes per worker, at most 32
+        lanes = sum(len(g) for g in groups.values())
+        size = min(MAX_LANES_PER_PROCESS, max(1, -(-lanes // max(1, workers))))
     jobs = []
     for group in groups.values():  # ceil(g / size) jobs whose sizes differ by at most one
         k = -(-len(group) // size)

@@ -8,7 +8,7 @@ import pytest
 
 from klppo_bench import cli
 from klppo_bench.errors import ConfigError
-from klppo_bench.sweep import expand, load_spec
+from klppo_bench.spec import expand, load_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = ROOT / "experiments"
@@ -186,7 +186,7 @@ def test_dry_run_lists_runs_and_writes_nothing(tmp_path, capsys):
 
 
 def test_jobs_batch_the_seeds_of_one_config():
-    from klppo_bench.sweep import plan_jobs
+    from klppo_bench.plan import plan_jobs
 
     runs = spec_runs("smoke", seeds=5)  # 2 settings x 5 seeds
     jobs, _ = plan_jobs(runs, "auto", None, workers=2)
@@ -202,7 +202,7 @@ def test_jobs_batch_the_seeds_of_one_config():
 
 
 def test_unbatchable_configs_fall_back_or_fail_clearly(tmp_path):
-    from klppo_bench.sweep import plan_jobs
+    from klppo_bench.plan import plan_jobs
 
     spec = tmp_path / "shared.yaml"
     spec.write_text("name: shared\nenvs: [Hopper]\nseeds: 2\nframes: 512\n"
@@ -286,3 +286,24 @@ def test_dry_run_shows_requested_and_actual_frames(tmp_path, capsys):
     spec.write_text(BASE)
     assert cli.main(["sweep", str(spec), "--results", results, "--dry-run"]) == 0
     assert "(runs " not in capsys.readouterr().out
+
+
+def test_settings_that_differ_in_hyperparameter_values_share_jobs(capsys, tmp_path):
+    """dtarg x increment with 2 seeds: the 9 adaptive settings are lanes of the same jobs
+    (clip's structure differs, so it gets its own), and --dry-run shows each job's engine."""
+    from klppo_bench.cli import main
+    from klppo_bench.plan import plan_jobs
+
+    runs = spec_runs("dtarg_increment", seeds=2)  # (9 + 1) settings x 2 seeds
+    jobs, reasons = plan_jobs(runs, "auto", None, workers=2)
+    assert not reasons and {j[0]["engine"] for j in jobs} == {"batched"}
+    settings = [{e["setting"] for e in j} for j in jobs]
+    packed = [s for s in settings if any(x.startswith("klpen-adaptive") for x in s)]
+    assert len(set().union(*packed)) == 9 and all(len(s) > 1 for s in packed)
+    assert all("clip" not in s or len(s) == 1 for s in settings)
+    assert sorted(len(j) for j in jobs) == [2, 9, 9]
+    assert main(["sweep", str(EXPERIMENTS / "dtarg_increment.yaml"), "--seeds", "2",
+                 "--results", str(tmp_path), "--dry-run", "--workers", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "3 jobs:" in out
+    assert out.count("batched    9 lanes  Hopper-v5  klpen-adaptive") == 2

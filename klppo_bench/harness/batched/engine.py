@@ -25,6 +25,8 @@ order of observation-statistics merges (see :mod:`.envs`). Networks and updates 
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import math
 import time
 from typing import Callable
@@ -79,6 +81,19 @@ def _lane_means(out: TensorDict, S: int) -> dict[str, torch.Tensor]:
 
 def _total(out: TensorDict) -> torch.Tensor:
     return sum(out[k] for k in out.keys() if isinstance(k, str) and k.startswith("loss_"))
+
+
+@contextlib.contextmanager
+def _fewer_gc_passes():
+    """The loss call allocates many short-lived Python objects (tensordict, vmap wrappers), so
+    the cyclic collector's generation-0 passes run constantly. A higher threshold during
+    training was measured ~4% faster (S=5, clip, Hopper, 2 of 2 pairs); restored after."""
+    previous = gc.get_threshold()
+    gc.set_threshold(50_000, *previous[1:])
+    try:
+        yield
+    finally:
+        gc.set_threshold(*previous)
 
 
 def build_lanes(cfgs: list[RunConfig], obs_dim: int, action_dim: int, device: torch.device,
@@ -171,6 +186,8 @@ def train_batched(cfgs: list[RunConfig], progress: bool | None = None,
     def alive() -> list[int]:
         return [s for s in range(S) if s not in failed]
 
+    gc_context = _fewer_gc_passes()
+    gc_context.__enter__()
     try:
         obs = envs.reset()
         for it in range(iterations):
@@ -295,6 +312,7 @@ def train_batched(cfgs: list[RunConfig], progress: bool | None = None,
             if not alive():
                 break
     finally:
+        gc_context.__exit__(None, None, None)
         bar.close()
         envs.close()
         evaluator.close()

@@ -42,7 +42,7 @@ import math
 from typing import Sequence
 
 import torch
-from tensordict import TensorDict
+from tensordict import TensorDict, TensorDictBase
 from torch._C import _functorch as _ft
 from torch.func import vmap
 from torch.overrides import TorchFunctionMode
@@ -68,6 +68,7 @@ _RANDOM_IN_PLACE = {torch.Tensor.normal_, torch.Tensor.uniform_, torch.Tensor.be
 _SCALAR_READS = {torch.Tensor.__bool__, torch.Tensor.item, torch.Tensor.__float__,
                  torch.Tensor.__int__}
 _SQUEEZE = {torch.Tensor.squeeze, torch.squeeze}
+_HANDLED = frozenset(_RANDOM_OUT_OF_PLACE | _RANDOM_IN_PLACE | _SCALAR_READS | _SQUEEZE)
 
 
 def _is_batched(x) -> bool:
@@ -90,6 +91,8 @@ class _LaneMode(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func not in _HANDLED:  # the common case: every other op, unchanged
+            return func(*args, **kwargs)
         if func in _SQUEEZE and (len(args) > 1 or "dim" in kwargs) and args[0].dim() == 0:
             return args[0]
         if func in _SCALAR_READS and _is_batched(args[0]):
@@ -108,7 +111,6 @@ class _LaneMode(TorchFunctionMode):
         """Lane ``i`` makes ``func``'s draw with ``generators[i]``; result batched at ``level``."""
         phys = [(_physical(a)[0] if _is_batched(a) else a) for a in args]
         kw = {k: (_physical(v)[0] if _is_batched(v) else v) for k, v in kwargs.items()}
-        outs = []
         # below vmap: a plain draw from the lane's generator (vmap's own random handling, the
         # FuncTorchVmapMode key, would otherwise batch each lane's draw over all lanes)
         with torch._C._ExcludeDispatchKeyGuard(
@@ -219,11 +221,49 @@ class LaneLoss:
             else:  # buffers and the loss's own tensors: one copy per lane
                 state.set(key, torch.stack([td.get(key).detach() for td in per_lane]).clone())
         self.state = state
+        self._swap = self._fast_swap_plan()
         self._vmapped = vmap(self._one_lane, in_dims=(0, 0), randomness="different")
 
+    def _fast_swap_plan(self) -> list[tuple[str, str]] | None:
+        """How to swap a lane's state in without ``TensorDict.to_module`` (~180 us a call here):
+        each top-level entry is a tensordict parameter container (torchrl's
+        ``*_network_params``: its ``_param_td`` is replaced, as ``to_module`` does) or a buffer
+        or parameter of the loss itself. ``None``: another layout, use ``to_module``."""
+        plan = []
+        for key in self.state.keys():
+            target = getattr(self.module, key, None)
+            if isinstance(target, TensorDictBase) and hasattr(target, "_param_td"):
+                plan.append((key, "params"))
+            elif key in self.module._buffers:
+                plan.append((key, "buffer"))
+            elif key in self.module._parameters:
+                plan.append((key, "parameter"))
+            else:
+                return None
+        return plan
+
     def _one_lane(self, state: TensorDict, batch: TensorDict) -> TensorDict:
-        with state.to_module(self.module):
-            return self.module(batch)
+        if self._swap is None:
+            with state.to_module(self.module):
+                return self.module(batch)
+        module, saved = self.module, []
+        try:
+            for key, kind in self._swap:
+                if kind == "params":
+                    container = getattr(module, key)
+                    saved.append(container._param_td)
+                    container._param_td = state.get(key)
+                else:
+                    slots = module._buffers if kind == "buffer" else module._parameters
+                    saved.append(slots[key])
+                    slots[key] = state.get(key)
+            return module(batch)
+        finally:
+            for (key, kind), old in zip(self._swap, saved):
+                if kind == "params":
+                    getattr(module, key)._param_td = old
+                else:
+                    (module._buffers if kind == "buffer" else module._parameters)[key] = old
 
     def buffer(self, name: str) -> torch.Tensor | None:
         """The ``[S]`` stacked buffer ``name`` (e.g. ``beta``), or ``None``."""
