@@ -39,10 +39,17 @@ def _cmd_run(args) -> int:
                            plugins=tuple(args.plugin))
     if frames_note(cfg):
         print(frames_note(cfg))
+    from klppo_bench.loggers import log_target, open_loggers, parse_loggers, prepare
+
+    log = log_target(parse_loggers(args.logger, "--logger"), args.log_dir, args.out,
+                     Path(args.out).resolve().name)
     from klppo_bench.harness.batched import execute_batch
     from klppo_bench.plan import choose_engine
     from klppo_bench.store import RunDir
 
+    if args.checkpoint_every is not None and args.checkpoint_every < 1:
+        raise ConfigError(f"--checkpoint-every={args.checkpoint_every} is invalid; "
+                          "allowed: int >= 1")
     engine, reason = choose_engine(cfg, args.engine)
     if reason:
         print(f"reference engine: {reason}")
@@ -52,10 +59,18 @@ def _cmd_run(args) -> int:
               "(remove that directory to train it again)")
         return 0
     progress = None if not args.quiet else False
-    if engine == "reference":
-        run = execute_run(cfg, Path(args.out), progress=progress)
-    else:
-        (run,) = execute_batch([cfg], Path(args.out), progress=progress)
+    prepare(log)
+    if log:
+        print(log.describe())
+    with open_loggers(log, [(cfg, None)], args.out) as loggers:
+        if engine == "reference":
+            hook = (lambda row: loggers.log(cfg, row)) if loggers else None
+            run = execute_run(cfg, Path(args.out), progress=progress, on_iteration=hook)
+        else:
+            (run,) = execute_batch([cfg], Path(args.out), progress=progress,
+                                   on_iteration=loggers.log if loggers else None,
+                                   checkpoint_every=args.checkpoint_every,
+                                   keep_checkpoints=args.keep_checkpoints)
     status = run.status()
     if status["state"] != "done":
         print(f"klppo-bench: run {run.run_id} failed: {status['error']}", file=sys.stderr)
@@ -89,6 +104,25 @@ def _cmd_report(args) -> int:
     return main_report(args)
 
 
+def _checkpoint_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint-every", type=int, default=None, metavar="N",
+                   help="batched engine: checkpoint every N iterations (default: about every "
+                        "5 minutes); a rerun resumes from the last checkpoint")
+    p.add_argument("--keep-checkpoints", action="store_true",
+                   help="keep a job's checkpoint after it is done (default: deleted)")
+
+
+def _logger_args(p: argparse.ArgumentParser, replaces: str = "") -> None:
+    from klppo_bench.loggers import LOGGER_CHOICES
+
+    p.add_argument("--logger", action="append", default=None, choices=LOGGER_CHOICES,
+                   help="stream each iteration's metrics (step: frames) to this torchrl "
+                        "logger; repeatable; tensorboard, wandb and mlflow need pip install "
+                        f"'klppo-bench[loggers]'{replaces}")
+    p.add_argument("--log-dir", default=None, metavar="DIR",
+                   help="where the loggers write (default: <experiment dir>/logs)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="klppo-bench",
@@ -118,6 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto (default): the batched engine where it can run the variant's "
                         "loss (faster), else torchrl's reference engine (the reason is printed)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _checkpoint_args(p)
+    _logger_args(p)
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("sweep", help="run every run of an experiment spec (resumable)")
@@ -140,8 +176,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds-per-process", "--lanes-per-process", type=int, default=None,
                    metavar="N", dest="seeds_per_process",
                    help="cap on the lanes one batched job trains together")
+    _checkpoint_args(p)
+    p.add_argument("--progress-interval", type=float, default=30.0, metavar="SECONDS",
+                   help="without a terminal: a progress line every SECONDS (default 30)")
     p.add_argument("--dry-run", action="store_true", help="list the runs and which are done")
     p.add_argument("--retry-failed", action="store_true", help="rerun runs recorded as failed")
+    _logger_args(p, replaces="; replaces the spec's loggers: (none: no logger)")
     p.set_defaults(func=_cmd_sweep)
 
     p = sub.add_parser("report", help="rliable statistics, tables and figures")
@@ -156,12 +196,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="episodes of the uniform-random policy per env (cached)")
     p.add_argument("--random-seed", type=int, default=0, help="seed of the random-policy score")
     p.add_argument("--out", default=None, help="report directory (default EXPERIMENT/report)")
+    p.add_argument("--all-definitions", action="store_true",
+                   help="also report runs of earlier definitions of the experiment (another "
+                        "frames, train/model/eval value or loss code than its last sweep), "
+                        "each labelled with what differs, e.g. 'clip [frames=1024]'; default: "
+                        "only the runs of the spec as last swept (manifest.json)")
     p.set_defaults(func=_cmd_report)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    import torch
+
+    # one torch thread, as in every run: planning runs small torch probes, and a forked probe
+    # of a process with a started OpenMP pool would deadlock
+    torch.set_num_threads(1)
     try:
         return args.func(args)
     except ConfigError as err:

@@ -18,6 +18,7 @@ from typing import Any, Mapping
 
 from klppo_bench.errors import ConfigError
 from klppo_bench.variants import get_variant, load_plugins
+from klppo_bench.variants.identity import variant_code_hash
 from klppo_bench.variants.registry import Param
 
 
@@ -104,6 +105,11 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     plugins: tuple[str, ...] = ()
     """Modules imported to register user variants (not part of the run id)."""
+    code: str | None = None
+    """Hash of the variant's definition and loss code
+    (:func:`~klppo_bench.variants.identity.variant_code_hash`, set by
+    :func:`build_run_config`); part of the run id, so changed loss code gives a new run.
+    ``None`` in configs stored before it existed (their run id is then unchanged)."""
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -113,6 +119,8 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "RunConfig":
+        """The inverse of :meth:`to_dict`; a config stored before ``code`` existed loads with
+        ``code=None`` (and its run id)."""
         d = dict(d)
         model = dict(d.pop("model", {}))
         if "hidden" in model:
@@ -126,9 +134,13 @@ class RunConfig:
         )
 
     def run_id(self) -> str:
-        """Stable id: readable prefix + hash of everything that changes the result."""
+        """Stable id: readable prefix + hash of everything that changes the result, the
+        variant's code hash (``code``) included: a run whose loss code changed is a new run,
+        never a reuse of the old record (see :mod:`klppo_bench.variants.identity`)."""
         d = self.to_dict()
         d.pop("plugins")
+        if d["code"] is None:  # a config stored before ``code`` existed keeps its id
+            d.pop("code")
         digest = hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
         env = re.sub(r"[^A-Za-z0-9]+", "", self.env.split("/")[-1])
         return f"{self.variant}-{env}-s{self.seed}-{digest}"
@@ -295,6 +307,7 @@ def build_run_config(
         seed=seed,
         device=resolve_device(device),
         plugins=tuple(plugins),
+        code=variant_code_hash(variant),
     )
     if frames is not None:
         if isinstance(frames, bool) or not isinstance(frames, int) or frames < 1:

@@ -21,6 +21,8 @@ A spec (``experiments/*.yaml``)::
     eval: {every: 50000}
     plugins: [my_package.variants] # modules (or .py paths, relative to this file's folder)
                                    # that register user variants
+    loggers: [tensorboard]         # stream every run's metrics (csv, tensorboard, wandb, mlflow;
+                                   # --logger replaces them); not part of any run or run id
 
 Every run is validated with :func:`~klppo_bench.config.build_run_config` before anything is
 written, so a bad value anywhere in a grid fails up front. A run's *setting* label is the
@@ -48,11 +50,12 @@ from klppo_bench.config import (
     set_section_value,
 )
 from klppo_bench.errors import ConfigError
+from klppo_bench.loggers import parse_loggers
 from klppo_bench.variants import get_variant, load_plugins
 from klppo_bench.variants.registry import plugin_target
 
 TOP_KEYS = ("name", "description", "envs", "seeds", "frames", "variants", "train", "model",
-            "eval", "plugins")
+            "eval", "plugins", "loggers")
 VARIANT_KEYS = ("name", "params", "derived", "label")
 DERIVED_OPS = {"reciprocal": lambda x: 1.0 / x}
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
@@ -91,6 +94,8 @@ class Spec:
     plugins: tuple[str, ...] = ()
     device: str = "cpu"
     description: str = ""
+    loggers: tuple[str, ...] = ()
+    """Experiment loggers (:mod:`klppo_bench.loggers`); they change no run, so no run id."""
 
     def resolved(self) -> dict:
         """The spec as it was run (written to ``<results>/<name>/spec.yaml``)."""
@@ -207,6 +212,7 @@ def load_spec(path: str | Path, envs: list[str] | None = None, seeds: int | None
     description = spec.get("description", "")
     if not isinstance(description, str):
         raise _bad(f"{where}: description", description, "a string")
+    loggers = parse_loggers(spec.get("loggers", []), f"{where}: loggers")
     spec_plugins = spec.get("plugins", [])
     if not isinstance(spec_plugins, list) or not all(isinstance(p, str) for p in spec_plugins):
         raise _bad(f"{where}: plugins", spec_plugins,
@@ -256,7 +262,7 @@ def load_spec(path: str | Path, envs: list[str] | None = None, seeds: int | None
     variants = [_variant_entry(e, f"{where}: variants[{i}]") for i, e in enumerate(raw_variants)]
     return Spec(path=path, name=name, envs=list(dict.fromkeys(env_ids)), seeds=seed_list,
                 frames=n_frames, variants=variants, overrides=overrides,
-                plugins=all_plugins, device=device, description=description)
+                plugins=all_plugins, device=device, description=description, loggers=loggers)
 
 
 def _fmt(value: Any) -> str:

@@ -152,6 +152,21 @@ class RunDir:
     def fail(self, error: str, **fields: Any) -> None:
         self.set_status("failed", error=error, **fields)
 
+    def set_progress(self, row: dict, total_frames: int, started: float) -> None:
+        """Record a running run's progress in its status: frames done of ``total_frames``, the
+        latest training return, env-steps/s and the ETA (from ``started``, a ``time.time()``)."""
+        current = self.status() or {}
+        elapsed = max(time.time() - started, 1e-9)
+        done = int(row["frames"])
+        rate = done / elapsed
+        ret = row.get("episode_return")
+        current["progress"] = {
+            "frames": done, "total_frames": int(total_frames),
+            "episode_return": None if ret is None or ret != ret else float(ret),
+            "sps": rate, "eta_seconds": (total_frames - done) / rate if rate > 0 else None,
+            "updated_at": time.time()}
+        atomic_write_json(self.path / "status.json", current)
+
     def table(self, name: str) -> pd.DataFrame:
         return pd.read_parquet(self.path / f"{name}.parquet")
 

@@ -3,7 +3,10 @@
 The spec is expanded and validated by :mod:`klppo_bench.spec`, the runs are packed into jobs by
 :mod:`klppo_bench.plan` (which also chooses each job's engine), and a backend
 (:mod:`klppo_bench.backends`) executes the jobs. Finished runs are never redone: a rerun of the
-same command resumes where an interrupted sweep stopped.
+same command resumes where an interrupted sweep stopped. Before training, the sweep records the
+spec as the experiment's current definition (``spec.yaml``, ``manifest.json``:
+:mod:`klppo_bench.manifest`); the report uses only that definition's runs, and both the sweep
+and its ``--dry-run`` list the runs on disk that are not part of it.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import contextlib
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -19,6 +23,7 @@ import yaml
 
 from klppo_bench.config import frames_note
 from klppo_bench.errors import ConfigError
+from klppo_bench.loggers import LogTarget, log_target, parse_loggers, prepare
 from klppo_bench.plan import MAX_LANES_PER_PROCESS, plan_jobs
 from klppo_bench.spec import PlannedRun, _bad, expand, load_spec
 
@@ -59,6 +64,9 @@ def _check_args(args) -> None:
     spp = getattr(args, "seeds_per_process", None)
     if spp is not None and not 1 <= spp <= MAX_LANES_PER_PROCESS:
         raise _bad("--seeds-per-process", spp, f"int from 1 to {MAX_LANES_PER_PROCESS}")
+    every = getattr(args, "checkpoint_every", None)
+    if every is not None and every < 1:
+        raise _bad("--checkpoint-every", every, "int >= 1")
     if args.ray_address and args.backend != "ray":
         raise ConfigError("--ray-address applies to --backend ray only; allowed: --backend ray")
     if args.backend == "ray":
@@ -69,16 +77,93 @@ def _check_args(args) -> None:
                               "or pip install 'klppo-bench[ray]'")
 
 
-def _print_plan(runs: list[PlannedRun], states: dict[str, str], retry_failed: bool) -> None:
+def _print_frames(runs: list[PlannedRun]) -> None:
     for note in dict.fromkeys(frames_note(r.config) for r in runs):
         if note:
             print(note)
+
+
+def _definition(spec, runs: list[PlannedRun], exp_dir: Path) -> dict:
+    """The manifest this sweep makes current (see :mod:`klppo_bench.manifest`)."""
+    from klppo_bench.manifest import build_manifest, read_manifest
+
+    try:
+        previous = read_manifest(exp_dir)
+    except ConfigError:  # a damaged manifest is replaced by this sweep's
+        previous = None
+    return build_manifest(spec.name, spec.resolved(),
+                          [(r.run_id, r.setting, r.config.to_dict()) for r in runs],
+                          previous=previous)
+
+
+def _record_definition(spec, runs: list[PlannedRun], exp_dir: Path, write: bool = True) -> bool:
+    """Make this spec the experiment's definition: write ``spec.yaml`` and ``manifest.json``
+    where they differ (a rerun of a finished sweep touches nothing). Returns whether one
+    differs; with ``write=False`` only checks."""
+    import json
+
+    from klppo_bench.manifest import MANIFEST, write_manifest
+    from klppo_bench.store import atomic_write_bytes
+
+    spec_text = yaml.safe_dump(spec.resolved(), sort_keys=False).encode()
+    manifest = json.loads(json.dumps(_definition(spec, runs, exp_dir), default=str))
+    changed = []
+    if not (exp_dir / "spec.yaml").is_file() or (exp_dir / "spec.yaml").read_bytes() != spec_text:
+        changed.append(lambda: atomic_write_bytes(exp_dir / "spec.yaml", spec_text))
+    try:
+        same = json.loads((exp_dir / MANIFEST).read_text()) == manifest
+    except (OSError, ValueError):
+        same = False
+    if not same:
+        changed.append(lambda: write_manifest(exp_dir, manifest))
+    if write:
+        for step in changed:
+            step()
+    return bool(changed)
+
+
+def _print_left_out(exp_dir: Path, manifest: dict) -> None:
+    """The runs on disk that are not part of this definition, grouped by what differs."""
+    from klppo_bench.manifest import disk_runs, partition
+
+    if not (exp_dir / "runs").is_dir():
+        return
+    _, left_out = partition(manifest, disk_runs(exp_dir))
+    if left_out:
+        n = sum(len(g.run_ids) for g in left_out)
+        print(f"{n} run{'s' * (n != 1)} in {exp_dir / 'runs'} not part of this definition (they "
+              "stay on disk; the report leaves them out, `report --all-definitions` shows them):")
+        for group in left_out:
+            print(f"  {group.line()}")
+
+
+def progress_text(status: dict | None) -> str:
+    """A running run's progress from its status.json (frames, latest return, ETA), or ''."""
+    p = (status or {}).get("progress")
+    if not p or (status or {}).get("state") != "running":
+        return ""
+    ret = p.get("episode_return")
+    eta = p.get("eta_seconds")
+    return (f"{p['frames']:,}/{p['total_frames']:,} frames"
+            + (f", return {ret:.0f}" if ret is not None else "")
+            + (f", eta {eta / 60:.0f} min" if eta is not None else "")
+            + f" (updated {max(0.0, time.time() - p['updated_at']) / 60:.0f} min ago)")
+
+
+def _print_plan(runs: list[PlannedRun], states: dict[str, str], retry_failed: bool,
+                exp_dir: Path | None = None) -> None:
+    from klppo_bench.store import RunDir
+
+    _print_frames(runs)
     width = max(len(r.setting) for r in runs)
     for r in runs:
         state = states[r.run_id]
         action = "run" if needs_run(state, retry_failed) else "skip"
+        progress = ""
+        if state == "running" and exp_dir is not None:
+            progress = "  " + progress_text(RunDir(exp_dir / "runs" / r.run_id).status())
         print(f"{action:4}  {state:8}  {r.config.env:24}  {r.setting:{width}}  "
-              f"seed {r.config.seed:<3}  {r.run_id}")
+              f"seed {r.config.seed:<3}  {r.run_id}{progress.rstrip()}")
 
 
 def _summary(name: str, runs: list[PlannedRun], states: dict[str, str], ran: int) -> str:
@@ -105,27 +190,35 @@ def main_sweep(args) -> int:
                      plugins=tuple(args.plugin), device=args.device)
     runs = expand(spec)
     exp_dir = Path(args.results) / spec.name
+    cli_loggers = getattr(args, "logger", None)  # --logger replaces the spec's loggers
+    log = log_target(parse_loggers(cli_loggers, "--logger") if cli_loggers else spec.loggers,
+                     getattr(args, "log_dir", None), exp_dir, spec.name,
+                     where="--logger" if cli_loggers else f"{spec.path}: loggers:")
     if args.dry_run:
         states = {r.run_id: run_state(exp_dir, r.run_id) for r in runs}
-        _print_plan(runs, states, args.retry_failed)
+        _print_plan(runs, states, args.retry_failed, exp_dir)
         _print_jobs(runs, args)
+        _print_left_out(exp_dir, _definition(spec, runs, exp_dir))
         todo = sum(needs_run(s, args.retry_failed) for s in states.values())
         print(f"{len(runs)} runs in {exp_dir}: {len(runs) - todo} skipped, {todo} to run "
               "(dry run: nothing written)")
         return 0
 
+    _print_frames(runs)
+    _print_left_out(exp_dir, _definition(spec, runs, exp_dir))
     if not any(needs_run(run_state(exp_dir, r.run_id), args.retry_failed) for r in runs):
+        if _record_definition(spec, runs, exp_dir, write=False):
+            with sweep_lock(exp_dir):  # nothing to run, but this spec is the definition now
+                _record_definition(spec, runs, exp_dir)
         return _finish(spec.name, runs, exp_dir, ran=0)
     # SIGTERM (a scheduler's stop, `kill`) stops the sweep like Ctrl-C: workers are ended,
     # finished runs are kept, and the same command resumes.
     signal.signal(signal.SIGTERM, _raise_interrupt)
+    prepare(log)
     with sweep_lock(exp_dir):
-        from klppo_bench.store import atomic_write_bytes
-
         todo = [r for r in runs if needs_run(run_state(exp_dir, r.run_id), args.retry_failed)]
-        atomic_write_bytes(exp_dir / "spec.yaml",
-                           yaml.safe_dump(spec.resolved(), sort_keys=False).encode())
-        _execute(runs, todo, exp_dir, args)
+        _record_definition(spec, runs, exp_dir)
+        _execute(runs, todo, exp_dir, args, log)
     return _finish(spec.name, runs, exp_dir, ran=len(todo))
 
 
@@ -147,7 +240,8 @@ def _print_jobs(runs: list[PlannedRun], args) -> None:
         print(f"  job {i + 1:<3} {describe_job(job)}")
 
 
-def _execute(runs: list[PlannedRun], todo: list[PlannedRun], exp_dir: Path, args) -> None:
+def _execute(runs: list[PlannedRun], todo: list[PlannedRun], exp_dir: Path, args,
+             log: LogTarget | None = None) -> None:
     from klppo_bench.backends import default_workers, make_backend
     from klppo_bench.backends.progress import SweepProgress
 
@@ -160,14 +254,19 @@ def _execute(runs: list[PlannedRun], todo: list[PlannedRun], exp_dir: Path, args
                                  getattr(args, "seeds_per_process", None),
                                  args.workers or default_workers())
     _print_reasons(reasons)
-    jobs = [[dict(e, write=e["run_id"] in todo_ids) for e in job] for job in planned]
+    options = {"checkpoint_every": getattr(args, "checkpoint_every", None),
+               "keep_checkpoints": getattr(args, "keep_checkpoints", False),
+               "log": log.to_dict() if log else None}
+    jobs = [[dict(e, write=e["run_id"] in todo_ids, **options) for e in job] for job in planned]
     jobs = [job for job in jobs if any(e["write"] for e in job)]
     workers = min(args.workers or default_workers(), len(jobs))
-    progress = SweepProgress(todo, workers)
+    progress = SweepProgress(todo, workers, interval=getattr(args, "progress_interval", 30.0))
     backend = make_backend(args.backend, exp_dir.resolve(), workers=workers,
                            ray_address=args.ray_address,
-                           on_event=progress.on_event if progress.live else None)
+                           on_event=progress.on_event)
     batched = sum(e["write"] for j in jobs if j[0]["engine"] == "batched" for e in j)
+    if log:
+        print(log.describe())
     progress.start(f"{args.backend} backend, {workers} worker{'s' * (workers > 1)}, "
                    f"{len(jobs)} jobs ({batched} of {len(todo)} runs on the batched engine)")
     try:

@@ -205,3 +205,70 @@ def test_ray_backend_matches_local(reference, tmp_path):
     local = {r: t for r, t in tables(reference).items() if r in ray_tables}
     assert_same_results(ray_tables, local)
     assert {s["state"] for s in statuses(tmp_path / "smoke").values()} == {"done"}
+
+
+CHECKPOINT_SPEC = """\
+name: ckpt
+envs: [Hopper]
+seeds: 2
+frames: 3072
+variants: [klpen-adaptive]
+train: {steps_per_iter: 256, minibatch_size: 64, epochs: 2}
+eval: {every: 1024, episodes: 1}
+"""
+
+
+def test_sigkill_mid_job_resumes_from_its_checkpoint_with_the_same_bits(tmp_path):
+    """One batched job (2 seeds x 12 iterations, a checkpoint every 2): SIGKILLed while it runs
+    past a checkpoint, with output going to a file. The log shows progress lines while the job
+    is still running; each run's status.json holds its progress; the rerun resumes from the
+    checkpoint (losing at most one checkpoint interval), gives the bits of an uninterrupted
+    sweep, and deletes the checkpoint."""
+    import torch
+
+    spec = tmp_path / "ckpt.yaml"
+    spec.write_text(CHECKPOINT_SPEC)
+    whole = tmp_path / "whole"
+    assert sweep(str(spec), "--results", str(whole), "--workers", "1") == 0
+    exp_dir = tmp_path / "killed" / "ckpt"
+    log = tmp_path / "sweep.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "klppo_bench.cli", "sweep", str(spec), "--workers", "1",
+             "--results", str(tmp_path / "killed"), "--checkpoint-every", "2",
+             "--progress-interval", "0"],
+            start_new_session=True, stdout=out, stderr=subprocess.STDOUT)
+    ckpt_iteration = progress_frames = None
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and proc.poll() is None:
+            ckpts = list((exp_dir / "checkpoints").glob("job-*.pt"))
+            running = [s for s in statuses(exp_dir).values()
+                       if s and s.get("state") == "running" and s.get("progress")]
+            if ckpts and running:
+                try:
+                    it = torch.load(ckpts[0], weights_only=False)["iteration"]
+                except Exception:  # being replaced right now
+                    continue
+                frames = min(s["progress"]["frames"] for s in running)
+                if frames > it * 256 and "progress: " in log.read_text():
+                    ckpt_iteration, progress_frames = it, frames
+                    break
+            time.sleep(0.02)
+        else:
+            pytest.fail("the job never ran past a checkpoint while the sweep was alive")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    progress = [s["progress"] for s in statuses(exp_dir).values()]
+    assert all(p["total_frames"] == 3072 and p["eta_seconds"] is not None for p in progress)
+    assert [line for line in log.read_text().splitlines() if line.startswith("progress: ")]
+
+    assert sweep(str(spec), "--results", str(tmp_path / "killed"), "--workers", "1") == 0
+    resumed = statuses(exp_dir)
+    for s in resumed.values():
+        assert s["state"] == "done" and s["attempts"] == 2
+        assert s["resumed_from_iteration"] >= ckpt_iteration
+        assert progress_frames - s["resumed_from_iteration"] * 256 <= 2 * 256
+    assert_same_results(tables(exp_dir), tables(whole / "ckpt"))
+    assert not list((exp_dir / "checkpoints").glob("*.pt"))

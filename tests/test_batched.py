@@ -414,3 +414,100 @@ def test_lanes_with_their_own_step_sizes_step_like_separate_adams():
     for s, ps in enumerate(separate):
         for p, q in zip(ps, params):
             assert torch.equal(p, q[s])
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("variant", ["klpen-adaptive-mc", "clip"])
+def test_a_job_resumed_from_its_checkpoint_matches_the_uninterrupted_job(tmp_path, variant):
+    """Interrupted after iteration 3 with a checkpoint written after iteration 2 (every 2):
+    the resumed job redoes only iteration 3 and its metrics, episodes and evaluations equal
+    the uninterrupted job's bit for bit (timing aside); env states, RNG streams, beta, Adam
+    and observation statistics all came back. Evaluations run on their own env streams."""
+    from klppo_bench.harness.batched.checkpoint import Checkpointing
+
+    overrides = {**TINY, "eval.every": 512, "eval.episodes": 2, "beta_schedule": "minibatch"}
+    if variant == "clip":
+        overrides.pop("beta_schedule")
+    cfgs = [build_run_config(variant, "Hopper", s, frames=6 * 256, overrides=overrides)
+            for s in (0, 1)]
+    whole = train_batched(cfgs, progress=False)
+    path = tmp_path / "job.pt"
+    seen = []
+
+    def stop_at_iteration_3(k, row):
+        seen.append(row["iteration"])
+        if row["iteration"] == 3:
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        train_batched(cfgs, progress=False, on_iteration=stop_at_iteration_3,
+                      checkpoint=Checkpointing(path, every=2))
+    assert path.is_file()
+    ckpt = Checkpointing(path, every=2)
+    resumed = train_batched(cfgs, progress=False, checkpoint=ckpt)
+    assert ckpt.resumed_iteration == 2
+    for a, b in zip(whole, resumed):
+        pd.testing.assert_frame_equal(_deterministic(a.metrics), _deterministic(b.metrics),
+                                      check_exact=True)
+        pd.testing.assert_frame_equal(a.episodes, b.episodes, check_exact=True)
+        pd.testing.assert_frame_equal(a.evals, b.evals, check_exact=True)
+        assert len(b.evals) == 3 * 2  # at 512, 1024 and 1536 frames, 2 episodes each
+
+
+def test_a_checkpoint_of_other_runs_is_refused_in_one_line(tmp_path):
+    from klppo_bench.harness.batched.checkpoint import Checkpointing
+
+    cfgs = [build_run_config("clip", "Hopper", s, frames=2 * 256, overrides=TINY) for s in (0, 1)]
+    path = tmp_path / "job.pt"
+    torch.save({"run_ids": ["someone-else"], "versions": {}}, path)
+    said = []
+    ckpt = Checkpointing(path, every=1, say=said.append)
+    got = train_batched(cfgs, progress=False, checkpoint=ckpt)
+    assert len(said) == 1 and said[0].startswith(f"checkpoint {path} refused: it belongs to "
+                                                 "other runs; the job starts over")
+    assert ckpt.resumed_iteration is None
+    want = train_batched(cfgs, progress=False)
+    for a, b in zip(want, got):
+        pd.testing.assert_frame_equal(_deterministic(a.metrics), _deterministic(b.metrics),
+                                      check_exact=True)
+    path.write_bytes(b"not a checkpoint")
+    said.clear()
+    Checkpointing(path, say=said.append).load([c.run_id() for c in cfgs])
+    assert len(said) == 1 and "cannot be read" in said[0] and not path.exists()
+
+
+def test_lanes_that_branch_differently_are_rerun_lane_by_lane():
+    """A loss with a Python ``if`` on its data: when the lanes' answers differ, the call is
+    rerun one lane at a time, so each lane takes its own branch, as its own module would."""
+    from torchrl.objectives import ClipPPOLoss
+
+    from klppo_bench.harness.batched.lanes import LaneLoss
+
+    class BranchyLoss(ClipPPOLoss):
+        def forward(self, tensordict):
+            out = super().forward(tensordict)
+            if tensordict["advantage"].mean() > 0:  # a data-dependent branch
+                out.set("loss_objective", out["loss_objective"] * 2)
+            return out
+
+    cfg = build_run_config("clip", "Hopper", 0)
+    v = get_variant("clip")
+    models = [init_seed_models(OBS, ACT, cfg.model, v.distribution_class, s)[0] for s in SEEDS]
+    refs = [init_seed_models(OBS, ACT, cfg.model, v.distribution_class, s)[0] for s in SEEDS]
+    nets = StackedActorCritic.from_models(models, cfg.model)
+    shared = {id(p): q for p, q in zip(reference_parameters(models[0]),
+                                       nets.ordered_parameters())}
+    lanes = LaneLoss([BranchyLoss(m.loss_actor, m.loss_critic) for m in models], shared,
+                     [torch.Generator().manual_seed(s) for s in SEEDS])
+    data = _data(nets, 0.1, torch.Generator().manual_seed(3), "action_log_prob")
+    data["advantage"] = data["advantage"] - data["advantage"].mean(dim=(1, 2), keepdim=True)
+    data["advantage"][0] += 1.0  # lane 0 positive on average, the others negative
+    data["advantage"][1:] -= 1.0
+    out = lanes(data)
+    for s, m in enumerate(refs):
+        ref = BranchyLoss(m.loss_actor, m.loss_critic)(data[s])
+        torch.testing.assert_close(out["loss_objective"][s], ref["loss_objective"],
+                                   rtol=1e-5, atol=1e-6)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from torchrl.objectives import KLPENPPOLoss
 
@@ -51,3 +53,20 @@ def test_entry_point_group_registers_variants(monkeypatch, fresh_registry):
     assert "ep-demo" in registry.all_variants()
     assert registry.variant_source("ep-demo")["kind"] == "entry point"
     assert registry.variant_source("ep-demo")["name"] == "demo"
+
+
+def test_dual_clip_example_trains_on_the_batched_engine_beside_clip(tmp_path):
+    """The shipped spec of a user's objective: both variants run on the batched engine, the
+    two dual_clip_c settings as lanes of one job."""
+    import json
+
+    from klppo_bench.cli import main
+
+    spec = Path(__file__).resolve().parent.parent / "experiments" / "dual_clip.yaml"
+    assert main(["sweep", str(spec), "--seeds", "1", "--frames", "2048", "--results",
+                 str(tmp_path), "--workers", "1"]) == 0
+    statuses = [json.loads(p.read_text()) for p in (tmp_path / "dual_clip" / "runs").glob("*/status.json")]
+    assert len(statuses) == 3
+    assert {s["provenance"]["engine"] for s in statuses} == {"batched"}
+    dual = [s for s in statuses if s["setting"].startswith("dual-clip")]
+    assert len(dual) == 2 and len(dual[0]["provenance"]["batch_runs"]) == 2

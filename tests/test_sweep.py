@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -307,3 +308,18 @@ def test_settings_that_differ_in_hyperparameter_values_share_jobs(capsys, tmp_pa
     out = capsys.readouterr().out
     assert "3 jobs:" in out
     assert out.count("batched    9 lanes  Hopper-v5  klpen-adaptive") == 2
+
+
+def test_dry_run_shows_a_running_runs_progress(tmp_path, capsys):
+    from klppo_bench.cli import main
+    from klppo_bench.store import RunDir
+
+    run = spec_runs("smoke")[0]
+    rd = RunDir(tmp_path / "smoke" / "runs" / run.run_id)
+    rd.start(run.config.to_dict(), setting=run.setting)
+    rd.set_progress({"frames": 512, "episode_return": 41.7}, total_frames=1024,
+                    started=time.time() - 10)
+    assert main(["sweep", str(EXPERIMENTS / "smoke.yaml"), "--results", str(tmp_path),
+                 "--dry-run"]) == 0
+    line = next(l for l in capsys.readouterr().out.splitlines() if run.run_id in l)
+    assert "running" in line and "512/1,024 frames, return 42, eta 0 min" in line

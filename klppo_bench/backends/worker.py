@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Callable
 
@@ -32,7 +33,9 @@ def execute_job(job: list[dict], exp_dir: Path | str,
     together (:func:`klppo_bench.harness.batched.execute_batch`); an entry with
     ``write: False`` is trained for the batch's sake but not written or reported. Any other
     job runs its entries one by one on the torchrl reference engine. A run that fails is
-    recorded as failed and the job goes on.
+    recorded as failed and the job goes on. An entry's ``log`` (a
+    :class:`~klppo_bench.loggers.LogTarget` as a dict) streams each written run's metrics
+    rows to its experiment loggers.
     """
     cfgs = [RunConfig.from_dict(entry["config"]) for entry in job]
     if on_event is not None:
@@ -40,23 +43,47 @@ def execute_job(job: list[dict], exp_dir: Path | str,
             if entry.get("write", True):
                 on_event({"event": "start", "run_id": cfg.run_id(), "frames": 0})
 
-    def hook(cfg: RunConfig, row: dict) -> None:
-        on_event({"event": "iteration", "run_id": cfg.run_id(), "frames": row["frames"],
-                  "episode_return": row["episode_return"]})
+    log = next((entry["log"] for entry in job if entry.get("log")), None)
+    written = [(cfg, entry["setting"]) for cfg, entry in zip(cfgs, job)
+               if entry.get("write", True)]
+    with _open_loggers(log, written, exp_dir) as loggers:  # beside the configs, never in them
 
+        def hook(cfg: RunConfig, row: dict) -> None:
+            if on_event is not None:
+                on_event({"event": "iteration", "run_id": cfg.run_id(), "frames": row["frames"],
+                          "episode_return": row["episode_return"]})
+            if loggers is not None:
+                loggers.log(cfg, row)
+
+        _execute(job, cfgs, exp_dir, hook if on_event is not None or loggers is not None
+                 else None)
+    return [run_status(exp_dir, entry) for entry in job if entry.get("write", True)]
+
+
+def _execute(job: list[dict], cfgs: list[RunConfig], exp_dir: Path | str,
+             hook: Callable[[RunConfig, dict], None] | None) -> None:
     if all(entry.get("engine") == "batched" for entry in job):
         from klppo_bench.harness.batched import execute_batch
 
         execute_batch(cfgs, exp_dir, progress=False,
                       settings=[entry["setting"] for entry in job],
-                      on_iteration=hook if on_event is not None else None,
-                      write=[entry.get("write", True) for entry in job])
+                      on_iteration=hook,
+                      write=[entry.get("write", True) for entry in job],
+                      checkpoint_every=job[0].get("checkpoint_every"),
+                      keep_checkpoints=job[0].get("keep_checkpoints", False))
     else:
         for cfg, entry in zip(cfgs, job):
             execute_run(cfg, exp_dir, progress=False, setting=entry["setting"],
                         on_iteration=(lambda row, cfg=cfg: hook(cfg, row))
-                        if on_event is not None else None)
-    return [run_status(exp_dir, entry) for entry in job if entry.get("write", True)]
+                        if hook is not None else None)
+
+
+def _open_loggers(log: dict | None, runs: list, exp_dir: Path | str):
+    if not log:  # no logger: klppo_bench.loggers is not even imported
+        return contextlib.nullcontext()
+    from klppo_bench.loggers import open_loggers
+
+    return open_loggers(log, runs, exp_dir)
 
 
 def record_lost(job: list[dict], exp_dir: Path | str, reason: str) -> list[dict]:

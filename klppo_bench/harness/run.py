@@ -13,6 +13,7 @@ from klppo_bench.config import RunConfig
 from klppo_bench.harness.provenance import provenance
 from klppo_bench.harness.reference import train
 from klppo_bench.store import RunDir
+from klppo_bench.variants.identity import variant_provenance
 
 
 def execute_run(cfg: RunConfig, exp_dir: Path | str, progress: bool | None = None,
@@ -26,8 +27,10 @@ def execute_run(cfg: RunConfig, exp_dir: Path | str, progress: bool | None = Non
     """
     torch.set_num_threads(1)  # one thread per run: faster on a shared machine, and it fixes the bits
     run = RunDir(Path(exp_dir) / "runs" / cfg.run_id())
-    run.start(cfg.to_dict(), setting=setting,
-              provenance=dict(provenance(cfg.device), engine="reference"))
+    # where the variant came from and its code hash, as this process loaded it
+    prov = dict(provenance(cfg.device), engine="reference",
+                variant=variant_provenance(cfg.variant, cfg.plugins))
+    run.start(cfg.to_dict(), setting=setting, provenance=prov)
     t0 = time.time()
     try:
         result = train(cfg, progress=progress, on_iteration=on_iteration)

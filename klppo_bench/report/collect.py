@@ -4,7 +4,9 @@ read, each run's metrics, the random-policy scores, normalized scores and notes.
 Nothing is dropped silently: runs that are not done, runs whose record cannot be read (a
 damaged ``metrics.parquet``, a ``status.json`` that is not JSON, a table missing columns),
 runs without a final score and unequal seed counts are written into ``notes`` (and the
-unreadable ones into ``Report.unreadable``), which report.md shows first.
+unreadable ones into ``Report.unreadable``), which report.md shows first. Where the experiment
+has a manifest, only its current definition's runs are read; the other runs on disk are listed
+with what differs (``Report.left_out``; :mod:`klppo_bench.report.definitions`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from klppo_bench.errors import ConfigError
+from klppo_bench.report.definitions import select_definition, variant_sources
 from klppo_bench.report.tables import fmt
 from klppo_bench.stats.random_policy import random_scores
 from klppo_bench.stats.scores import read_runs, score_table, varied_params
@@ -41,6 +44,9 @@ class ReportOptions:
     """Report directory (default ``<experiment>/report``)."""
     cache_dir: Path | None = None
     """Random-score cache directory (default ``<results root>/.cache``)."""
+    all_definitions: bool = False
+    """Report the runs of every definition on disk, each other definition's settings labelled
+    with what differs (``clip [frames=1024]``); default: the current definition only."""
 
 
 @dataclass
@@ -62,6 +68,9 @@ class Report:
     params: dict = field(default_factory=dict)      # setting -> varied parameters
     engines: dict = field(default_factory=dict)     # setting -> "batched", "batched+reference"
     notes: list = field(default_factory=list)
+    definition: str = "no manifest"                 # manifest | all-definitions | no manifest
+    left_out: list = field(default_factory=list)    # LeftOut groups: runs of other definitions
+    sources: pd.DataFrame = None                    # variant, kind, source, code, runs
     score_sets: dict = field(default_factory=dict)  # normalization -> setting -> env -> scores
     aggregates: pd.DataFrame = None                 # every estimate (aggregates.csv)
     poi_baseline: pd.DataFrame = None
@@ -117,8 +126,19 @@ def engines_of(runs: pd.DataFrame, settings: list[str]) -> dict[str, str]:
 
 def _read_store(rep: Report) -> None:
     """Runs (done, not done, unreadable) and the metrics of the done ones."""
-    records = read_runs(rep.exp_dir)
+    records, rep.left_out, rep.definition = select_definition(
+        rep.exp_dir, read_runs(rep.exp_dir), rep.options.all_definitions)
     runs, rep.not_done, rep.unreadable = records.done, records.not_done, records.unreadable
+    if rep.left_out:
+        n = sum(len(g.run_ids) for g in rep.left_out)
+        rep.notes.append(f"{n} run(s) on disk are not part of this experiment's current "
+                         f"definition (`manifest.json`, written by its last sweep) and are left "
+                         f"out -- listed under *Runs of other definitions*; `--all-definitions` "
+                         f"reports them beside it.")
+    elif rep.definition == "all-definitions":
+        rep.notes.append("Every definition on disk is reported (`--all-definitions`): a setting "
+                         "label suffixed `[key=value]` holds the runs of another definition than "
+                         "the current one, with its values of the keys that differ.")
     index = runs.assign(path=[str(rep.exp_dir / "runs" / r) for r in runs.run_id])
     rep.metrics, bad = load_tables(index, "metrics", METRICS_REQUIRED)
     rep.unreadable += bad
@@ -150,9 +170,12 @@ def collect(exp_dir: Path, opts: ReportOptions) -> Report:
     if rep.runs.empty:
         first = f"; first: {rep.unreadable[0].path}: {rep.unreadable[0].error}" \
             if rep.unreadable else ""
+        other = sum(len(g.run_ids) for g in rep.left_out)
+        other = f", {other} of other definitions (--all-definitions reports them)" \
+            if other else ""
         raise ConfigError(f"report: {exp_dir}: no finished run with a final score "
                           f"({len(rep.not_done)} not done, {len(rep.unreadable)} not "
-                          f"readable{first}); allowed: an experiment with at least one "
+                          f"readable{other}{first}); allowed: an experiment with at least one "
                           f"readable done run")
     if len(rep.not_done):
         counts = rep.not_done.state.value_counts()
@@ -166,6 +189,7 @@ def collect(exp_dir: Path, opts: ReportOptions) -> Report:
                    [s for s in settings if s != rep.baseline]
     rep.params = varied_params(rep.runs)
     rep.engines = engines_of(rep.runs, rep.settings)
+    rep.sources = variant_sources(exp_dir, rep.runs)
     _count_notes(rep)
     cache = opts.cache_dir or exp_dir.parent / ".cache"
     rep.random = random_scores(rep.envs, cache, opts.random_episodes, opts.random_seed)

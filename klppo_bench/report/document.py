@@ -6,6 +6,7 @@ from __future__ import annotations
 import sys
 from importlib import metadata
 
+from klppo_bench.report.definitions import frames_line
 from klppo_bench.report.tables import fmt
 from klppo_bench.stats import aggregate as agg
 
@@ -69,6 +70,28 @@ def _settings_table(rep) -> str:
         base = " (baseline)" if s == rep.baseline else ""
         lines.append(f"| `{s}`{base} | {g.variant.iloc[0]} | {rep.engines.get(s, '--')} | "
                      f"{rep.params.get(s) or '--'} | {per_env} | {failed} |")
+    return "\n".join(lines) + "\n"
+
+
+def _sources_table(rep) -> str:
+    lines = ["| variant | source | package / version or path | code hash | runs |",
+             "|:---|:---|:---|:---|---:|"]
+    for r in rep.sources.itertuples():
+        code = f"`{r.code}`" + (f" (ran with {', '.join(f'`{c}`' for c in sorted(r.ran_with))})"
+                                if r.ran_with else "")
+        lines.append(f"| {r.variant} | {r.kind} | {r.source} | {code} | {r.runs} |")
+    lines += ["", "The code hash covers the variant's definition and the source of its loss and "
+              "distribution classes up to the installed libraries (their versions instead); "
+              "a run id includes it, so changed loss code gives new runs."]
+    return "\n".join(lines) + "\n"
+
+
+def _other_definitions(rep) -> str:
+    if not rep.left_out:
+        return "None: every run on disk is part of the current definition (`manifest.json`).\n"
+    lines = ["Left out of every table and figure (they stay on disk; `klppo-bench report "
+             "--all-definitions` reports them beside the current definition):", ""]
+    lines += [f"- {g.line()}" for g in rep.left_out]
     return "\n".join(lines) + "\n"
 
 
@@ -161,9 +184,14 @@ def render(rep) -> str:
         out.append("")
         out += [f"- {n}" for n in rep.notes]
         out.append("")
-    out += ["## Settings", "", _settings_table(rep), "## Normalization constants", "",
+    out += ["## Settings", "", _settings_table(rep)]
+    if frames_line(rep.runs):
+        out += [frames_line(rep.runs), ""]
+    out += ["## Variant sources", "", _sources_table(rep), "## Normalization constants", "",
             _normalization_table(rep), "## Runs not done", "", _not_done(rep),
             "## Runs not readable", "", _unreadable(rep)]
+    if rep.definition == "manifest":
+        out += ["## Runs of other definitions", "", _other_definitions(rep)]
     out += ["## Aggregate (min-max normalized)", "", rep.tables["aggregate"]]
     if "table1" in rep.tables:
         out += ["## Average normalized score per setting (Table 1 style)", "", rep.tables["table1"]]

@@ -28,7 +28,7 @@ from klppo_bench.store import RunDir, Unreadable, error_line, scan_runs
 
 RUN_COLUMNS = ["experiment", "env", "variant", "setting", "params", "seed", "run_id",
                "final_score", "final_score_episodes", "final_eval_return", "frames",
-               "wall_seconds", "sps", "engine"]
+               "frames_requested", "wall_seconds", "sps", "engine"]
 UNRECORDED = "unrecorded"
 """``engine`` of a run whose status has no ``provenance.engine`` (written before it existed)."""
 
@@ -95,6 +95,7 @@ def read_runs(exp_dir: Path | str) -> RunRecords:
             "final_score_episodes": summary.get("final_score_episodes"),
             "final_eval_return": as_float(summary.get("final_eval_return")),
             "frames": summary.get("frames"),
+            "frames_requested": summary.get("frames_requested", summary.get("frames")),
             "wall_seconds": as_float(status.get("seconds", summary.get("wall_seconds"))),
             "sps": as_float(summary.get("sps")),
             "engine": row.engine or UNRECORDED,

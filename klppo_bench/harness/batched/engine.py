@@ -38,6 +38,8 @@ from torchrl.objectives.value.functional import vec_generalized_advantage_estima
 
 from klppo_bench.config import RunConfig
 from klppo_bench.errors import DivergenceError
+from klppo_bench.harness.batched.checkpoint import (Checkpointing, envs_state, set_envs_state,
+                                                   versions)
 from klppo_bench.harness.batched.envs import BatchedEnvs, BatchedEvaluator
 from klppo_bench.harness.batched.job import check_batch
 from klppo_bench.harness.batched.lanes import (LaneLoss, LaneUnsupported,
@@ -120,13 +122,16 @@ def build_lanes(cfgs: list[RunConfig], obs_dim: int, action_dim: int, device: to
 
 
 def train_batched(cfgs: list[RunConfig], progress: bool | None = None,
-                  on_iteration: Callable[[int, dict], None] | None = None
+                  on_iteration: Callable[[int, dict], None] | None = None,
+                  checkpoint: Checkpointing | None = None
                   ) -> list[RunResult | DivergenceError]:
     """Train the lanes of ``cfgs`` together (see :func:`~.job.check_batch` for what may differ).
 
     Returns, per config in order, a :class:`~klppo_bench.harness.common.RunResult` with the
     reference engine's schema, or the :class:`DivergenceError` that ended that lane (the
     others go on). ``on_iteration(index, row)`` is called with each lane's metrics row.
+    With ``checkpoint``, the job resumes from its checkpoint if there is one and writes new
+    ones as it goes (:mod:`.checkpoint`).
 
     Raises:
         ValueError: the configs cannot share a job.
@@ -172,10 +177,51 @@ def train_batched(cfgs: list[RunConfig], progress: bool | None = None,
     evals = [[] for _ in seeds]
     frames, next_eval = 0, next_eval_frame(0, cfg.eval.every)
     start = time.perf_counter()
+    obs = envs.reset()
+    run_ids = [c.run_id() for c in cfgs]
+
+    def snapshot(next_iteration: int) -> dict:
+        return {"run_ids": run_ids, "versions": versions(), "iteration": next_iteration,
+                "frames": frames, "next_eval": next_eval, "obs": obs, "rows": rows,
+                "episodes": episodes, "evals": evals,
+                "failed": {s: str(e) for s, e in failed.items()},
+                "wall": time.perf_counter() - start, "params": optim.flat.detach().clone(),
+                "optim": optim.state_dict(),
+                "buffers": {k: lane_loss.state.get(k).clone() for k in lane_loss.own_keys},
+                "noise_gens": [g.get_state() for g in noise_gens],
+                "perm_gens": [g.get_state() for g in perm_gens],
+                "envs": envs_state(envs, evaluator)}
+
+    first_it = 0
+    if checkpoint is not None:
+        try:
+            envs_state(envs, evaluator)
+        except TypeError as err:
+            checkpoint.say(f"{cfg.env}: no checkpoints for this job ({err})")
+            checkpoint = None
+    state = checkpoint.load(run_ids) if checkpoint is not None else None
+    if state is not None:  # resume: every stream and accumulator as it was
+        with torch.no_grad():
+            optim.flat.copy_(state["params"])
+            for k, value in state["buffers"].items():
+                lane_loss.state.get(k).copy_(value)
+        optim.load_state_dict(state["optim"])
+        for gens, saved in ((noise_gens, state["noise_gens"]), (perm_gens, state["perm_gens"])):
+            for g, st in zip(gens, saved):
+                g.set_state(st)
+        set_envs_state(envs, evaluator, state["envs"])
+        obs, rows, episodes, evals = state["obs"], state["rows"], state["episodes"], state["evals"]
+        failed = {s: DivergenceError(m) for s, m in state["failed"].items()}
+        frames, next_eval, first_it = state["frames"], state["next_eval"], state["iteration"]
+        start -= state["wall"]
+        checkpoint.resumed_iteration = first_it
+        checkpoint.say(f"resumed {cfg.variant} x{S} lanes from {checkpoint.path.name} at "
+                       f"iteration {first_it} of {iterations} ({frames:,} frames per lane)")
 
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=iterations * tc.steps_per_iter * S, unit="frame", dynamic_ncols=True,
+    bar = tqdm(total=iterations * tc.steps_per_iter * S, initial=first_it * tc.steps_per_iter * S,
+               unit="frame", dynamic_ncols=True,
                disable=None if progress is None else not progress,
                desc=f"{cfg.variant} {cfg.env} x{S} lanes", leave=False)
 
@@ -189,8 +235,7 @@ def train_batched(cfgs: list[RunConfig], progress: bool | None = None,
     gc_context = _fewer_gc_passes()
     gc_context.__enter__()
     try:
-        obs = envs.reset()
-        for it in range(iterations):
+        for it in range(first_it, iterations):
             # ---- collect T steps of every sub-env ----
             buf_obs = np.zeros((T, S, E, D), np.float32)
             buf_next = np.zeros((T, S, E, D), np.float32)
@@ -311,6 +356,8 @@ def train_batched(cfgs: list[RunConfig], progress: bool | None = None,
                     on_iteration(s, rows[s][-1])
             if not alive():
                 break
+            if checkpoint is not None and it < iterations - 1 and checkpoint.due(it):
+                checkpoint.save(snapshot(it + 1))
     finally:
         gc_context.__exit__(None, None, None)
         bar.close()

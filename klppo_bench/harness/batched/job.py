@@ -18,7 +18,7 @@ from typing import Callable
 
 import torch
 
-from klppo_bench.config import RunConfig
+from klppo_bench.config import RunConfig, actual_frames
 from klppo_bench.harness.provenance import provenance
 from klppo_bench.harness.vector_step import stepper_name
 from klppo_bench.store import RunDir
@@ -91,9 +91,13 @@ def _probe(variant: str, plugins: tuple, params: str, model: str) -> str | None:
     crashes or kills its process must not take the planning sweep (or ``run``) down with it."""
     import multiprocessing as mp
 
-    if "fork" not in mp.get_all_start_methods():
+    # fork only a process whose torch runs one thread: a forked child of a process whose
+    # OpenMP pool has started deadlocks in its first parallel op (seen here: the child of a
+    # multi-threaded CLI hung). Otherwise a fresh interpreter (slower: it imports torch).
+    method = "fork" if torch.get_num_threads() == 1 else "spawn"
+    if method not in mp.get_all_start_methods():
         return _probe_here(variant, plugins, params, model)
-    ctx = mp.get_context("fork")
+    ctx = mp.get_context(method)
     recv, send = ctx.Pipe(duplex=False)
     child = ctx.Process(target=_probe_child, args=(send, variant, plugins, params, model),
                         daemon=True)
@@ -176,7 +180,8 @@ def batch_unsupported_reason(cfg: RunConfig) -> str | None:
 def execute_batch(cfgs: list[RunConfig], exp_dir: Path | str, progress: bool | None = None,
                   settings: list[str | None] | None = None, raise_errors: bool = False,
                   on_iteration: Callable[[RunConfig, dict], None] | None = None,
-                  write: list[bool] | None = None) -> list[RunDir]:
+                  write: list[bool] | None = None, checkpoint_every: int | None = None,
+                  keep_checkpoints: bool = False, checkpoints: bool = True) -> list[RunDir]:
     """Train the lanes of ``cfgs`` together; store each as :func:`execute_run` would.
 
     Each seed gets ``exp_dir/runs/<run_id>/`` (``RunDir.start`` / ``finish`` / ``fail``).
@@ -188,7 +193,14 @@ def execute_batch(cfgs: list[RunConfig], exp_dir: Path | str, progress: bool | N
     recorded ``failed`` and the others go on; an error that ends the whole batch is recorded
     on every seed being written (re-raised only when ``raise_errors``). Returns the run
     directories in the order of ``cfgs``.
+
+    Checkpoints (``checkpoints``): the job keeps one under ``exp_dir/checkpoints/`` every
+    ``checkpoint_every`` iterations (default: about every 5 minutes), resumes from it when it
+    is rerun, and deletes it when done unless ``keep_checkpoints``
+    (:mod:`klppo_bench.harness.batched.checkpoint`). Each running run's ``status.json`` holds
+    its progress (frames, latest return, ETA), updated every iteration.
     """
+    from klppo_bench.harness.batched.checkpoint import Checkpointing, job_checkpoint_path
     from klppo_bench.harness.batched.engine import train_batched
 
     torch.set_num_threads(1)
@@ -201,20 +213,31 @@ def execute_batch(cfgs: list[RunConfig], exp_dir: Path | str, progress: bool | N
         return runs
     trained = list(range(len(cfgs))) if write is not None else writing
     batch = [cfgs[i] for i in trained]
+    from klppo_bench.variants.identity import variant_provenance
+
     prov = provenance(cfgs[0].device)
     prov.update(engine="batched", batch_seeds=[c.seed for c in batch],
                 batch_runs=[c.run_id() for c in batch],
-                env_stepper=stepper_name(cfgs[0].env))
+                env_stepper=stepper_name(cfgs[0].env),
+                variant=variant_provenance(cfgs[0].variant, cfgs[0].plugins))
     for i in writing:
         runs[i].start(cfgs[i].to_dict(), setting=settings[i], provenance=prov)
     t0 = time.time()
-    hook = None
-    if on_iteration is not None:
-        def hook(k: int, row: dict) -> None:
-            if trained[k] in writing:
+    total = actual_frames(batch[0])
+
+    def hook(k: int, row: dict) -> None:
+        if trained[k] in writing:
+            runs[trained[k]].set_progress(row, total, t0)
+            if on_iteration is not None:
                 on_iteration(batch[k], row)
+
+    checkpoint = None
+    if checkpoints:
+        checkpoint = Checkpointing(job_checkpoint_path(exp_dir, [c.run_id() for c in batch]),
+                                   every=checkpoint_every, keep=keep_checkpoints)
     try:
-        results = train_batched(batch, progress=progress, on_iteration=hook)
+        results = train_batched(batch, progress=progress, on_iteration=hook,
+                                checkpoint=checkpoint)
     except Exception as err:  # recorded on every seed being written, not lost
         for i in writing:
             runs[i].fail(f"{type(err).__name__}: {err}", traceback=traceback.format_exc(limit=8),
@@ -226,6 +249,10 @@ def execute_batch(cfgs: list[RunConfig], exp_dir: Path | str, progress: bool | N
     # across engines; the whole batch's time is kept as `batch_seconds`.
     batch_seconds = time.time() - t0
     timing = {"seconds": batch_seconds / len(batch), "batch_seconds": batch_seconds}
+    if checkpoint is not None:
+        timing["resumed_from_iteration"] = checkpoint.resumed_iteration
+        if not checkpoint.keep:
+            checkpoint.remove()
     result_of = dict(zip(trained, results))
     for i in writing:
         result = result_of[i]

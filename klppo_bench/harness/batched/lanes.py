@@ -215,11 +215,14 @@ class LaneLoss:
         self.generators = list(generators)
         per_lane = [TensorDict.from_module(l) for l in losses]
         state = TensorDict({}, batch_size=[self.lanes])
+        self.own_keys = []
+        """Keys of the loss's own per-lane tensors (buffers such as beta; not the model's)."""
         for key, leaf in per_lane[0].items(True, True):
             if id(leaf) in shared:
                 state.set(key, shared[id(leaf)])
             else:  # buffers and the loss's own tensors: one copy per lane
                 state.set(key, torch.stack([td.get(key).detach() for td in per_lane]).clone())
+                self.own_keys.append(key)
         self.state = state
         self._swap = self._fast_swap_plan()
         self._vmapped = vmap(self._one_lane, in_dims=(0, 0), randomness="different")

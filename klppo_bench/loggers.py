@@ -1,0 +1,504 @@
+"""Experiment loggers: every run's per-iteration metrics, streamed to torchrl's loggers.
+
+``--logger csv|tensorboard|wandb|mlflow`` (repeatable, on ``run`` and ``sweep``) or a spec's
+``loggers: [tensorboard]`` sends each iteration's metrics row, as the engines hand it to their
+``on_iteration`` callback, through :mod:`torchrl.record.loggers`. The step is the row's
+``frames``; each other column of ``metrics.parquet`` becomes a scalar of the same name (a NaN,
+"not measured at this iteration" such as ``eval_return`` between evaluations, is not logged).
+
+Logging never changes a run: the logger choice is not part of :class:`RunConfig` or the run
+id (it travels beside the config, as a :class:`LogTarget` in each job entry), logger calls run
+with the random number generators saved and restored, and a logger that fails is dropped with
+a warning while the run trains on.
+
+Where each logger writes, under ``log_dir`` (default ``<experiment dir>/logs``)::
+
+    csv/<setting>/<env>/seed<k>-<run_id>/scalars/<metric>.csv   lines "step,value"
+    tensorboard/<setting>/<env>/seed<k>-<run_id>/events.out.*   tensorboard --logdir <that root>
+    wandb/wandb/<W&B run dirs>       project = experiment, group = setting, job type = env, tags
+    mlflow/mlflow.db, artifacts/     MLflow experiment = experiment, run name = the path above
+
+W&B and MLflow honour their own environment variables (``WANDB_MODE=offline``,
+``WANDB_ENTITY``, ``MLFLOW_TRACKING_URI``, ...). The clients of tensorboard, wandb and mlflow are
+the ``loggers`` extra (``pip install 'klppo-bench[loggers]'``) and are imported only here, only
+when used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib.util
+import math
+import os
+import random
+import re
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from klppo_bench.errors import ConfigError
+
+LOGGERS = ("csv", "tensorboard", "wandb", "mlflow")
+LOGGER_CHOICES = LOGGERS + ("none",)
+"""``none`` turns a spec's loggers off from the command line."""
+EXTRA = "pip install 'klppo-bench[loggers]'"
+_CLIENTS = {"tensorboard": ("tensorboard",), "wandb": ("wandb",), "mlflow": ("mlflow",)}
+_MLFLOW_LOCAL_STORE = ("sqlalchemy", "alembic")
+"""What MLflow's default local store (SQLite) needs beyond mlflow-skinny."""
+_STEP = "frames"
+_W_AND_B_TAG_LEN = 64
+
+
+def parse_loggers(raw: Any, where: str) -> tuple[str, ...]:
+    """Validate logger names (a name or a list of names); ``none`` means no logger.
+
+    Raises:
+        ConfigError: naming ``where``, the bad value and the allowed names.
+    """
+    names = [raw] if isinstance(raw, str) else raw
+    if names is None:
+        return ()
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names) \
+            or any(n not in LOGGER_CHOICES for n in names):
+        raise ConfigError(f"{where}={raw!r} is invalid; allowed: a list of "
+                          + ", ".join(LOGGER_CHOICES))
+    return tuple(dict.fromkeys(n for n in names if n != "none"))
+
+
+def _installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def check_clients(names: Iterable[str], where: str = "--logger") -> None:
+    """Raise a one-line :class:`ConfigError` naming the extra if a logger's client is missing."""
+    for name in names:
+        needed = _CLIENTS.get(name, ())
+        if name == "mlflow" and not os.environ.get("MLFLOW_TRACKING_URI"):
+            needed = needed + _MLFLOW_LOCAL_STORE
+        missing = [m for m in needed if not _installed(m)]
+        if missing:
+            raise ConfigError(f"{where} {name}: {', '.join(missing)} "
+                              f"{'is' if len(missing) == 1 else 'are'} not installed; allowed: "
+                              f"{EXTRA} (tensorboard, wandb, mlflow), or --logger csv, which "
+                              "needs nothing")
+
+
+@dataclass(frozen=True)
+class LogTarget:
+    """Which loggers a run streams to and where: beside the run config, never in it."""
+
+    loggers: tuple[str, ...]
+    """Names from :data:`LOGGERS`."""
+    log_dir: str
+    """Absolute directory the file-based loggers (and W&B's and MLflow's local files) use."""
+    experiment: str
+    """The experiment's name: W&B project, MLflow experiment, first part of every name."""
+
+    def to_dict(self) -> dict:
+        return {"loggers": list(self.loggers), "log_dir": self.log_dir,
+                "experiment": self.experiment}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LogTarget":
+        return cls(tuple(d["loggers"]), d["log_dir"], d["experiment"])
+
+    def describe(self) -> str:
+        """One line: which loggers write where."""
+        where = []
+        for name in self.loggers:
+            if name == "mlflow":
+                where.append(f"mlflow -> {mlflow_tracking_uri(self.log_dir)}")
+            elif name == "wandb":
+                project = os.environ.get("WANDB_PROJECT") or self.experiment
+                mode = os.environ.get("WANDB_MODE") or "online"
+                where.append(f"wandb -> project {project} ({mode}, files in "
+                             f"{Path(self.log_dir) / 'wandb'})")
+            else:
+                where.append(f"{name} -> {Path(self.log_dir) / name}")
+        return "loggers: " + "; ".join(where)
+
+
+def log_target(names: Iterable[str], log_dir: str | Path | None, exp_dir: str | Path,
+               experiment: str, where: str = "--logger") -> LogTarget | None:
+    """A checked :class:`LogTarget` (``None`` without loggers); ``log_dir`` defaults to
+    ``<exp_dir>/logs``.
+
+    Raises:
+        ConfigError: a logger whose client is not installed (before anything is written).
+    """
+    names = tuple(names)
+    if not names:
+        return None
+    check_clients(names, where)
+    directory = Path(log_dir) if log_dir else Path(exp_dir) / "logs"
+    return LogTarget(names, str(directory.resolve()), experiment)
+
+
+@dataclass(frozen=True)
+class RunLabel:
+    """What names a run in every logger: experiment, env, setting, seed and run id."""
+
+    experiment: str
+    env: str
+    setting: str
+    seed: int
+    run_id: str
+
+    @property
+    def path(self) -> str:
+        """``<setting>/<env>/seed<k>-<run_id>``: seeds of one setting sit side by side."""
+        safe = [p.replace("/", "_").replace(os.sep, "_") for p in (self.setting, self.env)]
+        return f"{safe[0]}/{safe[1]}/seed{self.seed}-{self.run_id}"
+
+    @property
+    def name(self) -> str:
+        return f"{self.experiment}/{self.path}"
+
+    def tags(self) -> dict[str, str]:
+        return {"experiment": self.experiment, "env": self.env, "setting": self.setting,
+                "seed": str(self.seed), "run_id": self.run_id}
+
+
+def run_setting(cfg) -> str:
+    """A ``run`` command's setting label: the variant and the loss parameters it changed,
+    as a sweep labels its grid points (``klpen-adaptive(dtarg=0.03)``)."""
+    from klppo_bench.spec import _fmt  # a sweep's formatting of grid values
+    from klppo_bench.variants import get_variant
+
+    defaults = get_variant(cfg.variant).resolve({}, "--set")
+    changed = [f"{k}={_fmt(v)}" for k, v in cfg.loss.items() if defaults.get(k) != v]
+    return cfg.variant + (f"({','.join(changed)})" if changed else "")
+
+
+def _flat_config(cfg_dict: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in cfg_dict.items():
+        if isinstance(value, dict):
+            out.update(_flat_config(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value if not isinstance(value, (list, tuple)) else str(value)
+    return out
+
+
+@contextlib.contextmanager
+def rng_untouched() -> Iterator[None]:
+    """Run a block (a logger's client code) with Python's, NumPy's and torch's global random
+    states restored afterwards, so a client that draws random numbers (run ids, sampling)
+    cannot change a run's bits."""
+    import numpy as np
+    import torch
+
+    py_state, np_state = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            yield
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+
+
+def scalars(row: dict) -> dict[str, float]:
+    """The scalars logged for one metrics row: every numeric column but the step, NaNs left
+    out (not measured at this iteration)."""
+    out = {}
+    for key, value in row.items():
+        if key == _STEP or isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if isinstance(value, float) and math.isnan(value):
+            continue
+        out[key] = float(value)
+    return out
+
+
+# ---------------------------------------------------------------- one torchrl logger per kind
+
+
+@dataclass(frozen=True)
+class _Start:
+    """Where a run's logging starts: its first logged step, and whether that is a resumed
+    job's first iteration (a batched job restarted from its checkpoint)."""
+
+    step: int
+    resumed: bool
+
+
+def _run_dir(path: Path, start: _Start) -> None:
+    """A run's own log directory: emptied for a run that starts at frame 0 (a rerun after a
+    failure must not be drawn over the failed attempt), kept for a resumed one."""
+    if path.exists() and not start.resumed:
+        shutil.rmtree(path)
+    path.mkdir(parents=True, exist_ok=True)
+
+
+def _csv(target: LogTarget, label: RunLabel, config: dict, start: _Start):
+    from torchrl.record.loggers import CSVLogger
+
+    root = Path(target.log_dir) / "csv"
+    _run_dir(root / label.path, start)
+    for csv in (root / label.path / "scalars").glob("*.csv"):  # resumed: drop steps redone
+        kept = [line for line in csv.read_text().splitlines()
+                if re.fullmatch(r"\d+,.+", line) and int(line.split(",")[0]) < start.step]
+        csv.write_text("".join(line + "\n" for line in kept))
+    logger = CSVLogger(exp_name=label.path, log_dir=str(root))
+    logger.log_hparams({**label.tags(), **_flat_config(config)})
+    return logger
+
+
+@functools.lru_cache(maxsize=1)
+def _tensorboard_logger_class():
+    from torchrl.record.loggers import TensorboardLogger
+
+    class ResumableTensorboardLogger(TensorboardLogger):
+        """Passes ``purge_step`` (torchrl's logger has no such argument): a resumed job hides
+        the steps its interrupted attempt logged after the checkpoint it resumes from."""
+
+        def __init__(self, exp_name: str, log_dir: str, purge_step: int | None = None):
+            self.purge_step = purge_step
+            super().__init__(exp_name=exp_name, log_dir=log_dir)
+
+        def _create_experiment(self):
+            from torch.utils.tensorboard import SummaryWriter
+
+            return SummaryWriter(log_dir=os.path.join(self.log_dir, self.exp_name),
+                                 purge_step=self.purge_step)
+
+    return ResumableTensorboardLogger
+
+
+def _tensorboard(target: LogTarget, label: RunLabel, config: dict, start: _Start):
+    root = Path(target.log_dir) / "tensorboard"
+    _run_dir(root / label.path, start)
+    logger = _tensorboard_logger_class()(label.path, str(root),
+                                         purge_step=start.step if start.resumed else None)
+    table = "\n".join(f"| {k} | {v} |" for k, v in {**label.tags(),
+                                                     **_flat_config(config)}.items())
+    logger.experiment.add_text("run", "| key | value |\n|---|---|\n" + table,
+                               global_step=start.step)
+    return logger
+
+
+def _wandb(target: LogTarget, label: RunLabel, config: dict, start: _Start):
+    from torchrl.record.loggers import WandbLogger
+
+    tags = [f"{k}:{v}"[:_W_AND_B_TAG_LEN] for k, v in label.tags().items() if k != "seed"]
+    return WandbLogger(exp_name=label.name, save_dir=str(Path(target.log_dir) / "wandb"),
+                       project=os.environ.get("WANDB_PROJECT") or target.experiment,
+                       group=label.setting, job_type=label.env, tags=tags,
+                       config={**label.tags(), "seed": label.seed, "config": config},
+                       reinit="create_new",  # a batched job holds several runs at once
+                       log_env_packages=False)
+
+
+def mlflow_tracking_uri(log_dir: str) -> str:
+    """``$MLFLOW_TRACKING_URI``, else a SQLite store in ``<log_dir>/mlflow/mlflow.db``."""
+    return (os.environ.get("MLFLOW_TRACKING_URI")
+            or f"sqlite:///{Path(log_dir) / 'mlflow' / 'mlflow.db'}")
+
+
+def _mlflow_experiment_id(target: LogTarget) -> str:
+    """Get or create the MLflow experiment (the sweep does it once, before any worker)."""
+    import logging
+
+    from mlflow.tracking import MlflowClient
+
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)  # "Creating tables"
+    uri = mlflow_tracking_uri(target.log_dir)
+    if uri.startswith("sqlite:///"):
+        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name(target.experiment)
+    if experiment is not None:
+        return experiment.experiment_id
+    artifacts = None
+    if not os.environ.get("MLFLOW_TRACKING_URI"):
+        artifacts = (Path(target.log_dir) / "mlflow" / "artifacts").as_uri()
+    try:
+        return client.create_experiment(target.experiment, artifact_location=artifacts)
+    except Exception:  # created meanwhile by another process
+        experiment = client.get_experiment_by_name(target.experiment)
+        if experiment is None:
+            raise
+        return experiment.experiment_id
+
+
+@functools.lru_cache(maxsize=1)
+def _mlflow_logger_class():
+    from torchrl.record.loggers import MLFlowLogger
+
+    class RunMLFlowLogger(MLFlowLogger):
+        """torchrl's MLFlowLogger logs to mlflow's one process-wide *active* run, but a batched
+        job trains several runs in one process: this one owns its run (an explicit run id
+        through ``MlflowClient``), names it and tags it."""
+
+        def __init__(self, target: LogTarget, label: RunLabel):
+            self.target, self.label = target, label
+            super().__init__(exp_name=target.experiment,
+                             tracking_uri=mlflow_tracking_uri(target.log_dir))
+
+        def _create_experiment(self):
+            from mlflow.tracking import MlflowClient
+
+            self.client = MlflowClient(self.log_dir)
+            self.id = _mlflow_experiment_id(self.target)
+            return self.client.create_run(self.id, run_name=self.label.path,
+                                          tags=self.label.tags())
+
+        def log_scalar(self, name: str, value: float, step: int | None = None) -> None:
+            self.log_metrics({name: value}, step=step)
+
+        def log_metrics(self, metrics: dict, step: int | None = None, **kwargs) -> dict:
+            from mlflow.entities import Metric
+
+            now = int(time.time() * 1000)
+            batch = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
+            self.client.log_batch(self.experiment.info.run_id, metrics=batch)
+            return metrics
+
+        def log_hparams(self, cfg: dict) -> None:
+            from mlflow.entities import Param
+
+            params = [Param(k, str(v)) for k, v in cfg.items()]
+            for i in range(0, len(params), 100):  # MLflow takes at most 100 params a batch
+                self.client.log_batch(self.experiment.info.run_id, params=params[i:i + 100])
+
+        def finish(self, ok: bool = True) -> None:
+            if not self._service_shutdown:
+                self.client.set_terminated(self.experiment.info.run_id,
+                                           "FINISHED" if ok else "FAILED")
+                self._service_shutdown = True
+
+        def shutdown(self, timeout: float | None = None) -> None:
+            self.finish(True)
+
+    return RunMLFlowLogger
+
+
+def _mlflow(target: LogTarget, label: RunLabel, config: dict, start: _Start):
+    logger = _mlflow_logger_class()(target, label)
+    logger.log_hparams(_flat_config(config))
+    return logger
+
+
+_FACTORIES = {"csv": _csv, "tensorboard": _tensorboard, "wandb": _wandb, "mlflow": _mlflow}
+
+
+def prepare(target: LogTarget | None) -> None:
+    """What must happen once, in the parent, before workers log: the MLflow experiment (and
+    its SQLite store's schema) is created here, so concurrent workers only add runs to it.
+
+    Raises:
+        ConfigError: the MLflow tracking store cannot be opened.
+    """
+    if target is None or "mlflow" not in target.loggers:
+        return
+    try:
+        with rng_untouched():
+            _mlflow_experiment_id(target)
+    except Exception as err:  # noqa: BLE001 -- any client failure: say it in one line
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise ConfigError(f"--logger mlflow: cannot open the tracking store "
+                          f"{mlflow_tracking_uri(target.log_dir)} ({type(err).__name__}: "
+                          f"{first[:200]}); allowed: a reachable MLFLOW_TRACKING_URI, or unset "
+                          "it for a local store under the log dir") from None
+
+
+class RunLoggers:
+    """The loggers of the runs of one job (one run, or a batched job's lanes).
+
+    ``log(cfg, row)`` is the engines' ``on_iteration`` callback; a run's loggers start at its
+    first row, so only runs that really train (and are written) get any, and a batched job
+    resumed from its checkpoint continues its runs' CSV and TensorBoard logs where the
+    checkpoint was taken (W&B and MLflow get a new run per attempt). A logger that fails (to
+    start, or later) is dropped with one warning on stderr; the run trains on.
+    """
+
+    def __init__(self, target: LogTarget, runs: Iterable[tuple[Any, str | None]]):
+        """``runs``: ``(RunConfig, setting)`` of the job's runs (setting ``None``: the variant
+        and its changed parameters, as :func:`run_setting` labels them)."""
+        self.target = target
+        self.labels = {cfg.run_id(): (cfg, setting) for cfg, setting in runs}
+        self.loggers: dict[str, dict[str, Any]] = {}
+
+    @staticmethod
+    def _warn(name: str, run_id: str, what: str, err: BaseException) -> None:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        print(f"klppo-bench: warning: {name} logger of run {run_id} {what} "
+              f"({type(err).__name__}: {first[:200]}); the run goes on without it",
+              file=sys.stderr, flush=True)
+
+    def _start(self, run_id: str, row: dict) -> dict[str, Any]:
+        cfg, setting = self.labels[run_id]
+        label = RunLabel(self.target.experiment, cfg.env, setting or run_setting(cfg),
+                         cfg.seed, run_id)
+        start = _Start(int(row[_STEP]), int(row.get("iteration", 0)) > 0)
+        loggers = {}
+        for name in self.target.loggers:
+            try:
+                loggers[name] = _FACTORIES[name](self.target, label, cfg.to_dict(), start)
+            except Exception as err:  # noqa: BLE001 -- logging must not stop training
+                self._warn(name, run_id, "could not start", err)
+        return loggers
+
+    def log(self, cfg, row: dict) -> None:
+        """Log one iteration's metrics row of run ``cfg`` at step ``row["frames"]``."""
+        run_id = cfg.run_id()
+        if run_id not in self.labels:
+            return
+        with rng_untouched():
+            if run_id not in self.loggers:
+                self.loggers[run_id] = self._start(run_id, row)
+            loggers, values, step = self.loggers[run_id], scalars(row), int(row[_STEP])
+            for name, logger in list(loggers.items()):
+                try:
+                    logger.log_metrics(values, step=step)
+                except Exception as err:  # noqa: BLE001 -- logging must not stop training
+                    self._warn(name, run_id, "failed", err)
+                    loggers.pop(name)
+
+    def close(self, failed: Iterable[str] = ()) -> None:
+        """Flush and close every logger; W&B and MLflow runs in ``failed`` are marked so."""
+        failed = set(failed)
+        with rng_untouched():
+            for run_id, loggers in self.loggers.items():
+                for name, logger in loggers.items():
+                    try:
+                        if name == "wandb":
+                            logger.experiment.finish(exit_code=int(run_id in failed))
+                        elif name == "mlflow":
+                            logger.finish(ok=run_id not in failed)
+                        else:
+                            logger.shutdown()
+                        if name == "csv":  # torchrl's CSV logger leaves its files open
+                            for f in logger.experiment.files.values():
+                                f.close()
+                    except Exception as err:  # noqa: BLE001
+                        self._warn(name, run_id, "could not close", err)
+        self.loggers = {}
+
+    def __enter__(self) -> "RunLoggers":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+@contextlib.contextmanager
+def open_loggers(log: LogTarget | dict | None, runs: Iterable[tuple[Any, str | None]],
+                 exp_dir: str | Path) -> Iterator[RunLoggers | None]:
+    """:class:`RunLoggers` for ``runs`` (``None`` without a target), closed on exit with the
+    runs recorded as failed in ``exp_dir`` marked failed."""
+    if not log:
+        yield None
+        return
+    from klppo_bench.store import RunDir
+
+    loggers = RunLoggers(log if isinstance(log, LogTarget) else LogTarget.from_dict(log), runs)
+    try:
+        yield loggers
+    finally:
+        loggers.close(failed=[r for r in loggers.loggers
+                              if RunDir(Path(exp_dir) / "runs" / r).state() == "failed"])
