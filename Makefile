@@ -52,9 +52,14 @@ variants: install
 test: install
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
+# PERF_BASELINE=<checkout of an older commit> adds that engine's rows to engine_generic.py
+PERF_BASELINE ?=
+
 perf: install
 	$(BIN)/python benchmarks/throughput.py $(if $(ENV),--env $(ENV))
 	$(BIN)/python benchmarks/batched.py $(if $(ENV),--env $(ENV))
+	$(BIN)/python benchmarks/engine_generic.py $(if $(ENV),--env $(ENV)) \
+		$(if $(PERF_BASELINE),--baseline $(PERF_BASELINE))
 
 clean-venv:
 	rm -rf $(VENV)

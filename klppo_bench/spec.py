@@ -55,7 +55,7 @@ from klppo_bench.variants import get_variant, load_plugins
 from klppo_bench.variants.registry import plugin_target
 
 TOP_KEYS = ("name", "description", "envs", "seeds", "frames", "variants", "train", "model",
-            "eval", "plugins", "loggers")
+            "eval", "plugins", "loggers", "checkpoint_every")
 VARIANT_KEYS = ("name", "params", "derived", "label")
 DERIVED_OPS = {"reciprocal": lambda x: 1.0 / x}
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
@@ -96,6 +96,9 @@ class Spec:
     description: str = ""
     loggers: tuple[str, ...] = ()
     """Experiment loggers (:mod:`klppo_bench.loggers`); they change no run, so no run id."""
+    checkpoint_every: int | None = None
+    """Batched jobs checkpoint every N iterations (``None``: about every 5 minutes); changes
+    no run, so no run id. ``--checkpoint-every`` replaces it."""
 
     def resolved(self) -> dict:
         """The spec as it was run (written to ``<results>/<name>/spec.yaml``)."""
@@ -213,6 +216,9 @@ def load_spec(path: str | Path, envs: list[str] | None = None, seeds: int | None
     if not isinstance(description, str):
         raise _bad(f"{where}: description", description, "a string")
     loggers = parse_loggers(spec.get("loggers", []), f"{where}: loggers")
+    checkpoint_every = spec.get("checkpoint_every")
+    if checkpoint_every is not None and (not _is_int(checkpoint_every) or checkpoint_every < 1):
+        raise _bad(f"{where}: checkpoint_every", checkpoint_every, "int >= 1")
     spec_plugins = spec.get("plugins", [])
     if not isinstance(spec_plugins, list) or not all(isinstance(p, str) for p in spec_plugins):
         raise _bad(f"{where}: plugins", spec_plugins,
@@ -262,7 +268,8 @@ def load_spec(path: str | Path, envs: list[str] | None = None, seeds: int | None
     variants = [_variant_entry(e, f"{where}: variants[{i}]") for i, e in enumerate(raw_variants)]
     return Spec(path=path, name=name, envs=list(dict.fromkeys(env_ids)), seeds=seed_list,
                 frames=n_frames, variants=variants, overrides=overrides,
-                plugins=all_plugins, device=device, description=description, loggers=loggers)
+                plugins=all_plugins, device=device, description=description, loggers=loggers,
+                checkpoint_every=checkpoint_every)
 
 
 def _fmt(value: Any) -> str:

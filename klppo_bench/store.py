@@ -174,6 +174,19 @@ class RunDir:
         return json.loads((self.path / "summary.json").read_text())
 
 
+def progress_text(status: dict | None) -> str:
+    """A running run's progress from its status.json (frames, latest return, ETA), or ''."""
+    p = (status or {}).get("progress")
+    if not p or (status or {}).get("state") != "running":
+        return ""
+    ret = p.get("episode_return")
+    eta = p.get("eta_seconds")
+    return (f"{p['frames']:,}/{p['total_frames']:,} frames"
+            + (f", return {ret:.0f}" if ret is not None else "")
+            + (f", eta {eta / 60:.0f} min" if eta is not None else "")
+            + f" (updated {max(0.0, time.time() - p['updated_at']) / 60:.0f} min ago)")
+
+
 def experiment_runs(exp_dir: Path | str) -> list[RunDir]:
     runs = Path(exp_dir) / "runs"
     if not runs.is_dir():

@@ -15,7 +15,6 @@ import contextlib
 import os
 import signal
 import sys
-import time
 from pathlib import Path
 from typing import Iterator
 
@@ -137,22 +136,9 @@ def _print_left_out(exp_dir: Path, manifest: dict) -> None:
             print(f"  {group.line()}")
 
 
-def progress_text(status: dict | None) -> str:
-    """A running run's progress from its status.json (frames, latest return, ETA), or ''."""
-    p = (status or {}).get("progress")
-    if not p or (status or {}).get("state") != "running":
-        return ""
-    ret = p.get("episode_return")
-    eta = p.get("eta_seconds")
-    return (f"{p['frames']:,}/{p['total_frames']:,} frames"
-            + (f", return {ret:.0f}" if ret is not None else "")
-            + (f", eta {eta / 60:.0f} min" if eta is not None else "")
-            + f" (updated {max(0.0, time.time() - p['updated_at']) / 60:.0f} min ago)")
-
-
 def _print_plan(runs: list[PlannedRun], states: dict[str, str], retry_failed: bool,
                 exp_dir: Path | None = None) -> None:
-    from klppo_bench.store import RunDir
+    from klppo_bench.store import RunDir, progress_text
 
     _print_frames(runs)
     width = max(len(r.setting) for r in runs)
@@ -218,6 +204,8 @@ def main_sweep(args) -> int:
     with sweep_lock(exp_dir):
         todo = [r for r in runs if needs_run(run_state(exp_dir, r.run_id), args.retry_failed)]
         _record_definition(spec, runs, exp_dir)
+        if getattr(args, "checkpoint_every", None) is None:
+            args.checkpoint_every = spec.checkpoint_every
         _execute(runs, todo, exp_dir, args, log)
     return _finish(spec.name, runs, exp_dir, ran=len(todo))
 

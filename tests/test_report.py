@@ -244,3 +244,30 @@ def test_a_failed_rebuild_leaves_the_previous_report_whole(tiny_experiment, monk
         build.build_report(tiny_experiment)
     assert {p: p.stat().st_mtime_ns for p in report.rglob("*") if p.is_file()} == before
     assert not list(tiny_experiment.glob(".report.building-*"))
+
+
+def test_a_partly_finished_experiment_lists_its_running_runs_with_progress(tiny_experiment,
+                                                                          tmp_path):
+    """The report of an experiment still running: the finished runs are reported, the running
+    one is listed under *Runs not done* with its frames, latest return and ETA."""
+    import time
+
+    from klppo_bench.store import RunDir
+
+    exp = tmp_path / "results" / "tiny"
+    shutil.copytree(tiny_experiment, exp, ignore=shutil.ignore_patterns("report", ".report*"))
+    if (tiny_experiment.parent / ".cache").is_dir():
+        shutil.copytree(tiny_experiment.parent / ".cache", tmp_path / "results" / ".cache")
+    index = run_index(exp, states=("done",))
+    victim = index[index.setting == "clip"].sort_values("seed").iloc[-1]
+    run = RunDir(exp / "runs" / victim.run_id)
+    run.start(run.config(), setting="clip")
+    run.set_progress({"frames": 256, "episode_return": 12.3}, total_frames=512,
+                     started=time.time() - 5)
+    assert _report(exp) == 0
+    scores = pd.read_csv(exp / "report" / "scores.csv")
+    assert victim.run_id not in set(scores.run_id) and len(scores) == 4
+    md = (exp / "report" / "report.md").read_text()
+    not_done = md.split("## Runs not done")[1].split("\n## ")[0]
+    line = next(l for l in not_done.splitlines() if victim.run_id in l)
+    assert "| running |" in line and "256/512 frames, return 12, eta 0 min" in line

@@ -222,3 +222,14 @@ def test_frames_round_up_to_whole_iterations_and_both_are_recorded(tmp_path, cap
 
     assert main([*argv, "--frames", "512"]) == 0
     assert "whole iterations" not in capsys.readouterr().out
+
+
+def test_a_reference_run_keeps_its_progress_in_its_status(tmp_path):
+    cfg = build_run_config("clip", "Hopper", 0, frames=TINY_FRAMES, overrides=TINY)
+    run = RunDir(tmp_path / "runs" / cfg.run_id())
+    seen = []
+    execute_run(cfg, tmp_path, progress=False,
+                on_iteration=lambda row: seen.append(run.status()["progress"]))
+    assert [p["frames"] for p in seen] == [256, 512]
+    assert all(p["total_frames"] == 512 for p in seen)
+    assert seen[-1]["eta_seconds"] == 0 and run.state() == "done"

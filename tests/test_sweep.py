@@ -323,3 +323,24 @@ def test_dry_run_shows_a_running_runs_progress(tmp_path, capsys):
                  "--dry-run"]) == 0
     line = next(l for l in capsys.readouterr().out.splitlines() if run.run_id in l)
     assert "running" in line and "512/1,024 frames, return 42, eta 0 min" in line
+
+
+def test_checkpoint_every_is_a_spec_key_checked_like_the_others(tmp_path):
+    good = tmp_path / "good.yaml"
+    good.write_text("envs: [Hopper]\nseeds: 1\nframes: 2048\nvariants: [clip]\n"
+                    "checkpoint_every: 5\n")
+    spec = load_spec(good)
+    assert spec.checkpoint_every == 5
+    assert [r.run_id for r in expand(spec)] == [r.run_id for r in expand(load_spec(
+        _write(tmp_path / "plain.yaml", "envs: [Hopper]\nseeds: 1\nframes: 2048\n"
+                                        "variants: [clip]\n")))]  # no part of a run id
+    bad = _write(tmp_path / "bad.yaml", "envs: [Hopper]\nseeds: 1\nframes: 2048\n"
+                                        "variants: [clip]\ncheckpoint_every: 0\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: checkpoint_every=0 is invalid; "
+                                          r"allowed: int >= 1"):
+        load_spec(bad)
+
+
+def _write(path, text):
+    path.write_text(text)
+    return path

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from typing import Callable
 
-from klppo_bench.config import RunConfig
+from klppo_bench.config import RunConfig, actual_frames
 from klppo_bench.harness.provenance import provenance
 from klppo_bench.harness.reference import train
 from klppo_bench.store import RunDir
@@ -32,8 +32,15 @@ def execute_run(cfg: RunConfig, exp_dir: Path | str, progress: bool | None = Non
                 variant=variant_provenance(cfg.variant, cfg.plugins))
     run.start(cfg.to_dict(), setting=setting, provenance=prov)
     t0 = time.time()
+    total = actual_frames(cfg)
+
+    def hook(row: dict) -> None:  # the run's progress in its status.json, every iteration
+        run.set_progress(row, total, t0)
+        if on_iteration is not None:
+            on_iteration(row)
+
     try:
-        result = train(cfg, progress=progress, on_iteration=on_iteration)
+        result = train(cfg, progress=progress, on_iteration=hook)
     except Exception as err:  # recorded, not lost: the sweep reports it
         run.fail(f"{type(err).__name__}: {err}", traceback=traceback.format_exc(limit=8),
                  seconds=time.time() - t0)

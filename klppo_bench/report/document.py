@@ -143,11 +143,16 @@ def _unreadable(rep) -> str:
 
 
 def _not_done(rep) -> str:
+    from klppo_bench.store import RunDir, progress_text
+
     if not len(rep.not_done):
         return "None: every run of the experiment is done.\n"
-    lines = ["| run_id | state | setting | env | seed | error |", "|:---|:---|:---|:---|---:|:---|"]
+    lines = ["| run_id | state | setting | env | seed | progress or error |",
+             "|:---|:---|:---|:---|---:|:---|"]
     for r in rep.not_done.itertuples():
         error = (r.error or "").splitlines()[0][:120] if r.error else ""
+        if r.state == "running":
+            error = progress_text(RunDir(rep.exp_dir / "runs" / r.run_id).status()) or error
         lines.append(f"| {r.run_id} | {r.state} | `{r.setting}` | {r.env} | {r.seed} | {error} |")
     return "\n".join(lines) + "\n"
 
