@@ -207,7 +207,18 @@ def main_sweep(args) -> int:
         if getattr(args, "checkpoint_every", None) is None:
             args.checkpoint_every = spec.checkpoint_every
         _execute(runs, todo, exp_dir, args, log)
+        _drop_stale_checkpoints(runs, exp_dir, keep=getattr(args, "keep_checkpoints", False))
     return _finish(spec.name, runs, exp_dir, ran=len(todo))
+
+
+def _drop_stale_checkpoints(runs: list[PlannedRun], exp_dir: Path, keep: bool) -> None:
+    """Once every run of the spec is done, checkpoints left by jobs planned another way (an
+    earlier ``--workers`` or ``--lanes-per-process``: other lanes, another file) serve no
+    job any more; they are deleted unless ``keep``."""
+    if keep or any(run_state(exp_dir, r.run_id) != "done" for r in runs):
+        return
+    for path in (exp_dir / "checkpoints").glob("job-*.pt"):
+        path.unlink(missing_ok=True)
 
 
 def _print_reasons(reasons: dict[str, str]) -> None:

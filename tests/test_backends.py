@@ -263,6 +263,8 @@ def test_sigkill_mid_job_resumes_from_its_checkpoint_with_the_same_bits(tmp_path
     progress = [s["progress"] for s in statuses(exp_dir).values()]
     assert all(p["total_frames"] == 3072 and p["eta_seconds"] is not None for p in progress)
     assert [line for line in log.read_text().splitlines() if line.startswith("progress: ")]
+    # a checkpoint of a job planned another way (other lanes) is dropped once all runs are done
+    (exp_dir / "checkpoints" / "job-0123456789abcdef.pt").write_bytes(b"stale")
 
     assert sweep(str(spec), "--results", str(tmp_path / "killed"), "--workers", "1") == 0
     resumed = statuses(exp_dir)
