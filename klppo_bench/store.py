@@ -152,13 +152,16 @@ class RunDir:
     def fail(self, error: str, **fields: Any) -> None:
         self.set_status("failed", error=error, **fields)
 
-    def set_progress(self, row: dict, total_frames: int, started: float) -> None:
+    def set_progress(self, row: dict, total_frames: int, started: float,
+                     frames_at_start: int = 0) -> None:
         """Record a running run's progress in its status: frames done of ``total_frames``, the
-        latest training return, env-steps/s and the ETA (from ``started``, a ``time.time()``)."""
+        latest training return, env-steps/s and the ETA (from ``started``, a ``time.time()``,
+        when the run was at ``frames_at_start``: a resumed job's rate counts this attempt's
+        frames only)."""
         current = self.status() or {}
         elapsed = max(time.time() - started, 1e-9)
         done = int(row["frames"])
-        rate = done / elapsed
+        rate = (done - frames_at_start) / elapsed
         ret = row.get("episode_return")
         current["progress"] = {
             "frames": done, "total_frames": int(total_frames),

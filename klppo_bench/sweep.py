@@ -217,8 +217,9 @@ def _drop_stale_checkpoints(runs: list[PlannedRun], exp_dir: Path, keep: bool) -
     job any more; they are deleted unless ``keep``."""
     if keep or any(run_state(exp_dir, r.run_id) != "done" for r in runs):
         return
-    for path in (exp_dir / "checkpoints").glob("job-*.pt"):
-        path.unlink(missing_ok=True)
+    for pattern in ("job-*.pt", ".job-*.tmp"):  # and temporaries of a save that was killed
+        for path in (exp_dir / "checkpoints").glob(pattern):
+            path.unlink(missing_ok=True)
 
 
 def _print_reasons(reasons: dict[str, str]) -> None:

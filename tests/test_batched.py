@@ -331,6 +331,12 @@ def test_batches_are_checked_and_unsupported_configs_named():
     assert reason.startswith("variant counting-clip: its loss module (CountingClipLoss) cannot "
                              "run under torch.func.vmap") and "data" in reason
     assert "\n" not in reason
+    # a draw from torch's global generator, or Python state changed in forward: refused too
+    for name, needle in (("dropout-clip", "draws from torch's global generator"),
+                         ("remembering-clip", "changes its own Python attributes")):
+        reason = batch_unsupported_reason(build_run_config(
+            name, "Hopper", 0, plugins=("tests.plugins.global_rng_variant",)))
+        assert reason and needle in reason, reason
 
 
 def test_resumed_partial_job_retrains_its_batch_and_matches_bit_for_bit(tmp_path):
@@ -468,6 +474,7 @@ def test_a_checkpoint_of_other_runs_is_refused_in_one_line(tmp_path):
     got = train_batched(cfgs, progress=False, checkpoint=ckpt)
     assert len(said) == 1 and said[0].startswith(f"checkpoint {path} refused: it belongs to "
                                                  "other runs; the job starts over")
+    assert path.with_name("job.pt.refused").is_file()  # kept aside, not lost
     assert ckpt.resumed_iteration is None
     want = train_batched(cfgs, progress=False)
     for a, b in zip(want, got):
@@ -477,6 +484,7 @@ def test_a_checkpoint_of_other_runs_is_refused_in_one_line(tmp_path):
     said.clear()
     Checkpointing(path, say=said.append).load([c.run_id() for c in cfgs])
     assert len(said) == 1 and "cannot be read" in said[0] and not path.exists()
+    assert path.with_name("job.pt.refused").read_bytes() == b"not a checkpoint"
 
 
 def test_lanes_that_branch_differently_are_rerun_lane_by_lane():
@@ -511,3 +519,54 @@ def test_lanes_that_branch_differently_are_rerun_lane_by_lane():
         ref = BranchyLoss(m.loss_actor, m.loss_critic)(data[s])
         torch.testing.assert_close(out["loss_objective"][s], ref["loss_objective"],
                                    rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("env_id", ["Ant-v5", "Hopper-v5"])
+def test_a_restored_mujoco_env_steps_exactly_like_the_original(env_id):
+    """Ant reads quantities left from the previous step (xpos): the checkpoint copies the whole
+    MjData, so a restored env gives the original's next rewards and observations exactly."""
+    import gymnasium as gym
+
+    from klppo_bench.harness.batched.checkpoint import set_sub_env_state, sub_env_state
+
+    original, other = gym.make(env_id), gym.make(env_id)
+    original.reset(seed=0)
+    other.reset(seed=5)
+    rng = np.random.default_rng(0)
+    for _ in range(7):
+        original.step(rng.uniform(-1, 1, original.action_space.shape))
+    set_sub_env_state(other, sub_env_state(original))
+    for _ in range(5):
+        action = rng.uniform(-1, 1, original.action_space.shape)
+        a, b = original.step(action), other.step(action)
+        np.testing.assert_array_equal(a[0], b[0])
+        assert a[1] == b[1] and a[2] == b[2] and a[3] == b[3]
+    a, b = original.reset(), other.reset()  # gymnasium's own generator came back too
+    np.testing.assert_array_equal(a[0], b[0])
+
+
+def test_lanes_whose_modules_differ_in_any_python_attribute_never_share_a_job():
+    """Not only plain numbers: a list or dict attribute, on the loss or on a module inside it,
+    that differs between lanes makes the lanes' structures differ (so the planner never packs
+    them into one module object)."""
+    from klppo_bench.harness.batched.lanes import lane_state_differences, loss_structure
+
+    cfg = build_run_config("clip", "Hopper", 0)
+    v = get_variant("clip")
+
+    def loss(seed, **attrs):
+        m = init_seed_models(OBS, ACT, cfg.model, v.distribution_class, seed)[0]
+        out = v.build_loss(m.loss_actor, m.loss_critic, cfg.loss)
+        for key, value in attrs.items():
+            target, _, name = key.rpartition("__")
+            setattr(out if not target else getattr(out, target), name, value)
+        return out
+
+    assert lane_state_differences([loss(0), loss(1)]) == []
+    assert loss_structure(loss(0)) == loss_structure(loss(1))
+    for attrs in ({"weights": [1.0]}, {"cfg": {"c": 1}}, {"actor_network__temperature": 1.0}):
+        changed = {k: (v + [5.0] if isinstance(v, list) else {"c": 2} if isinstance(v, dict)
+                       else 2.0) for k, v in attrs.items()}
+        a, b = loss(0, **attrs), loss(1, **changed)
+        assert lane_state_differences([a, b]), attrs
+        assert loss_structure(a) != loss_structure(b), attrs

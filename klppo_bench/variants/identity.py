@@ -16,8 +16,9 @@ What the hash covers:
   of each class and of its base classes, walking up until a class from an installed library
   (a module file under the interpreter's library directories: torchrl, torch, tensordict, the
   standard library); for those, the library's name and version instead (``torchrl 0.14.1``).
-  Code outside an installed library -- this checkout's ``klppo_bench``, a ``--plugin`` file, a
-  package installed with ``pip install -e`` -- counts by its source.
+  Code outside an installed library -- a ``--plugin`` file, a package installed with
+  ``pip install -e`` -- counts by its source, and so does ``klppo_bench`` itself however it
+  was installed (a wheel and a checkout of the same code give the same run ids).
 
 Not covered: module-level helpers and constants a class uses outside its body, and the harness
 itself (each run's provenance records the git commit, and its variant's source file sha256).
@@ -73,8 +74,8 @@ def _library(cls: type) -> tuple[str, str] | None:
     if path is None:  # builtins and modules compiled into the interpreter
         return ("python", platform.python_version()) if top in sys.builtin_module_names \
             else None
-    if not os.path.realpath(path).startswith(_LIBRARY_DIRS):
-        return None
+    if top == "klppo_bench" or not os.path.realpath(path).startswith(_LIBRARY_DIRS):
+        return None  # this package counts by its source however it was installed
     if top in sys.stdlib_module_names:
         return "python", platform.python_version()
     version = getattr(sys.modules.get(top), "__version__", None)

@@ -8,9 +8,10 @@ last one. It holds:
 * the stacked network parameters, Adam's state, the loss modules' per-lane buffers (beta);
 * each lane's random streams (action and loss noise, minibatch permutations);
 * the environments: observation statistics, episode accumulators, the current observation,
-  and per sub-env (training and evaluation) MuJoCo's full integration state
-  (``mj_getState(..., mjSTATE_INTEGRATION)``: time, qpos, qvel, act, warm start, ctrl, ...),
-  the time-limit counter and gymnasium's own generator (reset noise);
+  and per sub-env (training and evaluation) a copy of MuJoCo's whole ``MjData`` (not only the
+  integration state: Ant and Humanoid read derived quantities such as ``xpos`` that are left
+  from the previous step, and a restored ``mjSTATE_INTEGRATION`` alone changed their next
+  reward), the time-limit counter and gymnasium's own generator (reset noise);
 * the loop: iteration, frames, next evaluation, the rows, episodes and evaluations so far,
   lanes that failed.
 
@@ -22,29 +23,35 @@ cannot be checkpointed; such a job runs without checkpoints and says so once.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
 DEFAULT_SECONDS = 300.0
 
 
+@functools.lru_cache(maxsize=1)
 def versions() -> dict[str, str]:
-    """Package versions a checkpoint must match (the bits depend on them)."""
+    """What a checkpoint must match (the bits depend on it): the package versions, and a hash
+    of the harness's own source (an edited harness keeps ``klppo_bench.__version__``)."""
     import gymnasium
     import mujoco
     import torchrl
 
     import klppo_bench
 
-    return {"klppo_bench": klppo_bench.__version__, "torch": torch.__version__,
-            "torchrl": torchrl.__version__, "gymnasium": gymnasium.__version__,
-            "mujoco": mujoco.__version__}
+    root = Path(klppo_bench.__file__).parent
+    digest = hashlib.sha256()
+    for path in sorted([*root.glob("harness/**/*.py"), root / "variants" / "beta.py"]):
+        digest.update(path.read_bytes())
+    return {"klppo_bench": klppo_bench.__version__, "harness": digest.hexdigest()[:16],
+            "torch": torch.__version__, "torchrl": torchrl.__version__,
+            "gymnasium": gymnasium.__version__, "mujoco": mujoco.__version__}
 
 
 def job_checkpoint_path(exp_dir: Path | str, run_ids: list[str]) -> Path:
@@ -74,7 +81,10 @@ class Checkpointing:
     def save(self, state: dict) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        torch.save(state, tmp)
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, self.path)
         self._last = time.monotonic()
 
@@ -93,8 +103,10 @@ class Checkpointing:
                 return state
         except Exception as err:  # noqa: BLE001 -- any unreadable file is refused the same way
             why = f"it cannot be read ({type(err).__name__}: {str(err).splitlines()[0][:120]})"
-        self.say(f"checkpoint {self.path} refused: {why}; the job starts over")
-        self.remove()
+        kept = self.path.with_name(self.path.name + ".refused")
+        os.replace(self.path, kept)  # kept aside, never silently lost
+        self.say(f"checkpoint {self.path} refused: {why}; the job starts over (the file is "
+                 f"kept as {kept.name})")
         return None
 
     def remove(self) -> None:
@@ -113,16 +125,13 @@ def _time_limit(env):
 
 def sub_env_state(env) -> dict:
     """One gymnasium MuJoCo env's state (raises ``TypeError`` for other envs)."""
-    import mujoco
+    import copy
 
     u = env.unwrapped
     if not hasattr(u, "model") or not hasattr(u, "data"):
         raise TypeError(f"{type(u).__name__} is not a MuJoCo environment")
-    kind = mujoco.mjtState.mjSTATE_INTEGRATION
-    buf = np.empty(mujoco.mj_stateSize(u.model, kind))
-    mujoco.mj_getState(u.model, u.data, buf, kind)
     limit = _time_limit(env)
-    return {"mujoco": buf, "np_random": u.np_random.bit_generator.state,
+    return {"mujoco": copy.copy(u.data), "np_random": u.np_random.bit_generator.state,
             "elapsed": None if limit is None else limit._elapsed_steps}
 
 
@@ -130,7 +139,8 @@ def set_sub_env_state(env, state: dict) -> None:
     import mujoco
 
     u = env.unwrapped
-    mujoco.mj_setState(u.model, u.data, state["mujoco"], mujoco.mjtState.mjSTATE_INTEGRATION)
+    # into the env's own MjData: the stepper's numpy views of ctrl/qpos/qvel stay valid
+    mujoco.mj_copyData(u.data, u.model, state["mujoco"])
     u.np_random.bit_generator.state = state["np_random"]
     limit = _time_limit(env)
     if limit is not None:

@@ -110,6 +110,11 @@ def _probe(variant: str, plugins: tuple, params: str, model: str) -> str | None:
         except EOFError:  # the child died before it could answer
             reason = "no answer"
     child.join(10)
+    if child.is_alive():  # hung: end it, and say so
+        child.kill()
+        child.join()
+        return (f"variant {variant}: trying its loss module under torch.func.vmap did not "
+                "finish within 300 s")
     if reason == "no answer":
         code = child.exitcode
         how = f"signal {-code}" if code is not None and code < 0 else f"exit code {code}"
@@ -131,7 +136,7 @@ def _probe_here(variant: str, plugins: tuple, params: str, model: str) -> str | 
 
     from klppo_bench.config import ModelConfig
     from klppo_bench.harness.batched.engine import build_lanes
-    from klppo_bench.harness.batched.lanes import distribution_validation_off
+    from klppo_bench.harness.batched.lanes import distribution_validation_off, loss_structure
 
     load_plugins(plugins)
     v = get_variant(variant)
@@ -154,9 +159,17 @@ def _probe_here(variant: str, plugins: tuple, params: str, model: str) -> str | 
                                 lane_loss.module.tensor_keys.sample_log_prob: log_prob,
                                 "advantage": torch.randn(S, B, 1, generator=gen),
                                 "value_target": torch.randn(S, B, 1, generator=gen)}, [S, B])
+            rng, structure = torch.get_rng_state(), loss_structure(lane_loss.module)
             out = lane_loss(batch)
             sum(out[k].sum() for k in out.keys()
                 if isinstance(k, str) and k.startswith("loss_")).backward()
+            if not torch.equal(rng, torch.get_rng_state()):
+                return (f"variant {variant}: its loss module ({v.loss_class.__name__}) draws "
+                        "from torch's global generator (an op without a generator argument, "
+                        "e.g. dropout), which cannot give each lane its own stream")
+            if loss_structure(lane_loss.module) != structure:
+                return (f"variant {variant}: its loss module ({v.loss_class.__name__}) changes "
+                        "its own Python attributes in forward, which lanes would share")
     except Exception as err:  # noqa: BLE001 -- any failure means: not vectorizable as it is
         first = str(err).strip().splitlines()[0] if str(err).strip() else ""
         return (f"variant {variant}: its loss module ({v.loss_class.__name__}) cannot run "
@@ -227,7 +240,9 @@ def execute_batch(cfgs: list[RunConfig], exp_dir: Path | str, progress: bool | N
 
     def hook(k: int, row: dict) -> None:
         if trained[k] in writing:
-            runs[trained[k]].set_progress(row, total, t0)
+            resumed = checkpoint.resumed_iteration if checkpoint is not None else None
+            runs[trained[k]].set_progress(
+                row, total, t0, (resumed or 0) * batch[0].train.steps_per_iter)
             if on_iteration is not None:
                 on_iteration(batch[k], row)
 
@@ -251,8 +266,6 @@ def execute_batch(cfgs: list[RunConfig], exp_dir: Path | str, progress: bool | N
     timing = {"seconds": batch_seconds / len(batch), "batch_seconds": batch_seconds}
     if checkpoint is not None:
         timing["resumed_from_iteration"] = checkpoint.resumed_iteration
-        if not checkpoint.keep:
-            checkpoint.remove()
     result_of = dict(zip(trained, results))
     for i in writing:
         result = result_of[i]
@@ -261,6 +274,8 @@ def execute_batch(cfgs: list[RunConfig], exp_dir: Path | str, progress: bool | N
         else:
             runs[i].finish({"metrics": result.metrics, "episodes": result.episodes,
                             "evals": result.evals}, result.summary, **timing)
+    if checkpoint is not None and not checkpoint.keep:
+        checkpoint.remove()  # only once every lane's record is stored
     if raise_errors:
         failures = [result_of[i] for i in writing if isinstance(result_of[i], Exception)]
         if failures:

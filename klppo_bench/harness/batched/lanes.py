@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 from typing import Sequence
 
 import torch
@@ -61,7 +62,11 @@ class LanesDisagree(RuntimeError):
 
 _RANDOM_OUT_OF_PLACE = {torch.normal, torch.randn, torch.rand, torch.randint, torch.bernoulli,
                         torch.multinomial, torch.poisson, torch.randn_like, torch.rand_like,
-                        torch.randint_like}
+                        torch.randint_like, torch.randperm, torch.binomial,
+                        torch._standard_gamma, torch.Tensor.bernoulli, torch.Tensor.multinomial}
+"""Random ops that take a ``generator``; any other draw from torch's global generator inside a
+loss (``F.dropout``, ...) is found by the probe (:func:`klppo_bench.harness.batched.job`),
+which then sends the variant to the reference engine."""
 _RANDOM_IN_PLACE = {torch.Tensor.normal_, torch.Tensor.uniform_, torch.Tensor.bernoulli_,
                     torch.Tensor.exponential_, torch.Tensor.random_, torch.Tensor.cauchy_,
                     torch.Tensor.log_normal_, torch.Tensor.geometric_}
@@ -98,7 +103,9 @@ class _LaneMode(TorchFunctionMode):
         if func in _SCALAR_READS and _is_batched(args[0]):
             lanes, _ = _physical(args[0])
             first = lanes[0]
-            if not bool((lanes == first).all()):
+            same = (lanes == first) | (lanes.isnan() & first.isnan()) \
+                if lanes.is_floating_point() else lanes == first
+            if len(lanes) > 1 and not bool(same.all()):
                 raise LanesDisagree(f"lanes differ in a value read by Python ({func.__name__})")
             return func(first, *args[1:], **kwargs)
         if func in _RANDOM_OUT_OF_PLACE or func in _RANDOM_IN_PLACE:
@@ -116,21 +123,30 @@ class _LaneMode(TorchFunctionMode):
         with torch._C._ExcludeDispatchKeyGuard(
                 torch._C.DispatchKeySet(torch._C.DispatchKey.FuncTorchVmapMode)):
             outs = self._draws(func, args, kwargs, phys, kw)
+        if func in _RANDOM_IN_PLACE and _is_batched(args[0]):
+            return args[0]
         return _ft._add_batch_dim(torch.stack(outs), 0, level)
 
     def _draws(self, func, args, kwargs, phys, kw) -> list[torch.Tensor]:
+        """Each lane's draw, made on the CPU with its (CPU) generator and moved to the tensors'
+        device: the lanes' streams are CPU generators whatever ``--device`` is."""
         outs = []
         for i, gen in enumerate(self.generators):
             lane_args = [(a[i] if _is_batched(orig) else a) for a, orig in zip(phys, args)]
             lane_kw = {k: (v[i] if _is_batched(kwargs[k]) else v) for k, v in kw.items()}
+            device = next((a.device for a in lane_args if isinstance(a, torch.Tensor)),
+                          torch.device(lane_kw.pop("device", None) or "cpu"))
+            lane_args = [a.cpu() if isinstance(a, torch.Tensor) else a for a in lane_args]
             if func in _RANDOM_IN_PLACE:
-                # an in-place draw into a lane's tensor: draw into a fresh copy per lane and
-                # return the batched result (callers use the return value, e.g.
-                # torch.distributions' ``torch.empty(shape).normal_()``)
                 target = lane_args[0].detach().clone()
-                outs.append(func(target, *lane_args[1:], generator=gen, **lane_kw))
+                draw = func(target, *lane_args[1:], generator=gen, **lane_kw).to(device)
+                if _is_batched(args[0]):  # in place, as asked: into the lane's own slice
+                    phys[0][i].copy_(draw)
+                # an unbatched target cannot hold per-lane draws: callers get them from the
+                # return value (torch.distributions' ``torch.empty(shape).normal_()``)
+                outs.append(draw)
             else:
-                outs.append(func(*lane_args, generator=gen, **lane_kw))
+                outs.append(func(*lane_args, generator=gen, **lane_kw).to(device))
         return outs
 
 
@@ -148,28 +164,77 @@ def distribution_validation_off():
 # KLPENPPOLoss keeps its initial beta as a float for ``reset()`` (never called by the
 # harness); the live value is the ``beta`` buffer, which is stacked per lane.
 _LANE_FREE_ATTRIBUTES = frozenset({"_beta_init"})
-_PLAIN = (bool, int, float, str, type(None), tuple)
+
+
+def _normalized(value, depth: int = 0):
+    """A comparable stand-in for an attribute value: tensors by shape and dtype (their values
+    are stacked per lane), modules by class (they are walked themselves), functions by name,
+    containers element by element, anything else by its repr without memory addresses. Lanes
+    whose loss modules differ in any of these cannot share one module object."""
+    if depth > 6:
+        return ("deep", type(value).__qualname__)
+    if isinstance(value, torch.Tensor):
+        return ("tensor", tuple(value.shape), str(value.dtype))
+    if isinstance(value, TensorDictBase):
+        return ("tensordict", tuple(sorted(str(k) for k in value.keys(True, True))))
+    if isinstance(value, torch.nn.Module):
+        return ("module", type(value).__qualname__)
+    if isinstance(value, float) and math.isnan(value):
+        return "nan"
+    if value is None or isinstance(value, (bool, int, float, str, bytes)):
+        return (type(value).__name__, value)
+    if isinstance(value, (list, tuple)):
+        return (type(value).__name__, tuple(_normalized(v, depth + 1) for v in value))
+    if isinstance(value, dict):
+        return ("dict", tuple(sorted((repr(k), repr(_normalized(v, depth + 1)))
+                                     for k, v in value.items())))
+    if isinstance(value, (set, frozenset)):
+        return ("set", tuple(sorted(repr(_normalized(v, depth + 1)) for v in value)))
+    if isinstance(value, type) or callable(value) and hasattr(value, "__qualname__"):
+        return ("callable", getattr(value, "__module__", ""), value.__qualname__)
+    return ("object", type(value).__qualname__, re.sub(r" at 0x[0-9a-fA-F]+", "", repr(value)))
 
 
 def _plain_state(module: torch.nn.Module) -> dict:
-    return {k: v for k, v in vars(module).items()
-            if isinstance(v, _PLAIN) and k not in _LANE_FREE_ATTRIBUTES}
+    """Every attribute that is not a parameter or buffer, of the loss module and of every
+    module inside it (registered or not: torchrl keeps ``actor_network`` as a plain
+    attribute), normalized (:func:`_normalized`)."""
+    out, seen, todo = {}, set(), [("", module)]
+    while todo:
+        prefix, mod = todo.pop()
+        if id(mod) in seen:
+            continue
+        seen.add(id(mod))
+        if isinstance(mod, TensorDictBase):  # torchrl's *_network_params: a parameter
+            out[prefix] = _normalized(mod)     # container whose other attributes are
+            continue                           # tensordict's own bookkeeping
+        for key, value in vars(mod).items():
+            if key in ("_parameters", "_buffers") or key in _LANE_FREE_ATTRIBUTES:
+                continue
+            name = f"{prefix}.{key}" if prefix else key
+            if key == "_modules":
+                todo += [(f"{prefix}.{k}" if prefix else k, m) for k, m in value.items()
+                         if m is not None]
+                continue
+            if isinstance(value, torch.nn.Module):
+                todo.append((name, value))
+            if "hook" in key and isinstance(value, dict):  # keyed by global handle ids
+                value = list(value.values())
+            out[name] = _normalized(value)
+    return out
 
 
 def loss_structure(loss: torch.nn.Module) -> str:
-    """What lanes must share to share one vmapped call: the loss class, its attributes that
-    are not tensors, and the shapes of its parameters and buffers (one string)."""
-    plain = sorted((k, "nan" if isinstance(v, float) and math.isnan(v) else repr(v))
-                   for k, v in _plain_state(loss).items())
+    """What lanes must share to share one vmapped call: the loss class, every attribute that is
+    not a tensor (:func:`_plain_state`), and the shapes of its parameters and buffers."""
+    plain = sorted((k, repr(v)) for k, v in _plain_state(loss).items())
     shapes = sorted((str(k), tuple(v.shape))
                     for k, v in TensorDict.from_module(loss).items(True, True))
     return repr((f"{type(loss).__module__}.{type(loss).__qualname__}", plain, shapes))
 
 
 def _same(a, b) -> bool:
-    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
-        return True
-    return type(a) is type(b) and a == b
+    return a == b
 
 
 def lane_state_differences(losses: Sequence[torch.nn.Module]) -> list[str]:
@@ -275,12 +340,16 @@ class LaneLoss:
     def __call__(self, batch: TensorDict) -> TensorDict:
         """The loss output of every lane, ``[S]`` leading (``batch`` is ``[S, B]``)."""
         states = [g.get_state() for g in self.generators]
+        buffers = {k: self.state.get(k).clone() for k in self.own_keys}
         try:
             with distribution_validation_off(), _LaneMode(self.generators):
                 return self._vmapped(self.state, batch)
         except LanesDisagree:
             for g, st in zip(self.generators, states):
                 g.set_state(st)  # the lane-by-lane rerun makes the same draws
+            with torch.no_grad():  # and starts from the same buffers
+                for k, value in buffers.items():
+                    self.state.get(k).copy_(value)
         outs = []
         for s in range(self.lanes):
             with distribution_validation_off(), _LaneMode(self.generators[s:s + 1]):
