@@ -4,6 +4,7 @@ in one process, each lane through its variant's own loss module (``torch.func.vm
 * :mod:`.engine` -- the training loop (:func:`train_batched`);
 * :mod:`.lanes` -- the variant's loss module called for all lanes at once;
 * :mod:`.job` -- which runs share a job, why a run cannot be batched, each lane's record;
+* :mod:`.checkpoint` -- a job's checkpoints (resume bit for bit after a kill);
 * :mod:`.nets`, :mod:`.envs`, :mod:`.optim` -- stacked networks for acting, the lanes'
   environments, per-lane Adam and gradient clipping.
 """
