@@ -247,8 +247,9 @@ def _execute(runs: list[PlannedRun], todo: list[PlannedRun], exp_dir: Path, args
 
     # Jobs are planned over the whole spec, so the same command always batches the same
     # seeds together. A job with nothing to do is dropped; a partly finished one trains its
-    # whole original batch again and writes only the missing seeds, because the batch size S
-    # changes float rounding: resumed runs get the bits of an uninterrupted sweep.
+    # whole original batch again (from its checkpoint, if it has one) and writes only the
+    # missing seeds, because the batch size S changes float rounding: resumed runs get the
+    # bits of an uninterrupted sweep.
     todo_ids = {r.run_id for r in todo}
     planned, reasons = plan_jobs(runs, getattr(args, "engine", "auto"),
                                  getattr(args, "seeds_per_process", None),

@@ -53,7 +53,7 @@ from klppo_bench.variants import get_variant, load_plugins
 from klppo_bench.variants.beta import BetaSchedule
 from klppo_bench.variants.distributions import joint_normal_kl
 
-__all__ = ["train_batched"]
+__all__ = ["LaneUnsupported", "build_lanes", "train_batched"]
 
 _LOGGED = ("loss_objective", "loss_critic", "kl", "kl_approx", "clip_fraction",
            "explained_variance")
@@ -374,5 +374,3 @@ def train_batched(cfgs: list[RunConfig], progress: bool | None = None,
                                    float(beta[s]) if beta is not None else None))
     return out
 
-
-__all__ += ["build_lanes", "LaneUnsupported"]

@@ -224,36 +224,31 @@ def _plain_state(module: torch.nn.Module) -> dict:
     return out
 
 
+def _structure(loss: torch.nn.Module) -> dict:
+    """What lanes must share to share one vmapped call, by name: the loss class, every
+    attribute that is not a tensor (:func:`_plain_state`), and the shapes of its parameters
+    and buffers (their values may differ: they are stacked per lane)."""
+    out = {"loss class": f"{type(loss).__module__}.{type(loss).__qualname__}"}
+    out.update(_plain_state(loss))
+    out.update({f"shape of {k}": tuple(v.shape)
+                for k, v in TensorDict.from_module(loss).items(True, True)})
+    return out
+
+
 def loss_structure(loss: torch.nn.Module) -> str:
-    """What lanes must share to share one vmapped call: the loss class, every attribute that is
-    not a tensor (:func:`_plain_state`), and the shapes of its parameters and buffers."""
-    plain = sorted((k, repr(v)) for k, v in _plain_state(loss).items())
-    shapes = sorted((str(k), tuple(v.shape))
-                    for k, v in TensorDict.from_module(loss).items(True, True))
-    return repr((f"{type(loss).__module__}.{type(loss).__qualname__}", plain, shapes))
-
-
-def _same(a, b) -> bool:
-    return a == b
+    """:func:`_structure` as one string (the planner's lane key uses it)."""
+    return repr(sorted((str(k), repr(v)) for k, v in _structure(loss).items()))
 
 
 def lane_state_differences(losses: Sequence[torch.nn.Module]) -> list[str]:
-    """Attributes (not tensors) in which the lanes' loss modules differ; ``[]`` if they can
+    """What the lanes' loss modules differ in, besides tensor values; ``[]`` if they can
     share one vmapped call. Values kept in parameters or buffers (beta, clip_epsilon,
     critic_coeff, entropy_coeff, ...) may differ: they are stacked per lane."""
-    if any(type(l) is not type(losses[0]) for l in losses):
-        return ["loss class"]
-    ref = _plain_state(losses[0])
+    ref = _structure(losses[0])
     diff = set()
     for loss in losses[1:]:
-        other = _plain_state(loss)
-        diff |= {k for k in ref.keys() | other.keys()
-                 if k not in ref or k not in other or not _same(ref[k], other[k])}
-    shapes0 = {k: v.shape for k, v in TensorDict.from_module(losses[0]).items(True, True)}
-    for loss in losses[1:]:
-        for k, v in TensorDict.from_module(loss).items(True, True):
-            if shapes0.get(k) != v.shape:
-                diff.add(f"shape of {k}")
+        other = _structure(loss)
+        diff |= {k for k in ref.keys() | other.keys() if ref.get(k) != other.get(k)}
     return sorted(map(str, diff))
 
 
