@@ -26,8 +26,10 @@ order of observation-statistics merges (see :mod:`.envs`). Networks and updates 
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import math
+import operator
 import time
 from typing import Callable
 
@@ -55,8 +57,8 @@ from klppo_bench.variants.distributions import joint_normal_kl
 
 __all__ = ["LaneUnsupported", "build_lanes", "train_batched"]
 
-_LOGGED = ("loss_objective", "loss_critic", "kl", "kl_approx", "clip_fraction",
-           "explained_variance")
+_LOGGED = frozenset({"loss_objective", "loss_critic", "kl", "kl_approx", "clip_fraction",
+                     "explained_variance"})
 
 
 def _noise(gens: list[torch.Generator], shape: tuple, device: torch.device) -> torch.Tensor:
@@ -76,13 +78,19 @@ def _gae(nets, obs, next_obs, reward, done, terminated, gamma, lmbda, S, E, T):
     return adv.reshape(S, E * T, 1), target.reshape(S, E * T, 1)
 
 
-def _lane_means(out: TensorDict, S: int) -> dict[str, torch.Tensor]:
-    """Each logged loss output's per-lane mean (as the reference's ``out[key].mean()``)."""
-    return {k: out[k].detach().reshape(S, -1).mean(1) for k in _LOGGED if k in out.keys()}
+def _lane_means(out: dict[str, torch.Tensor], S: int) -> dict[str, torch.Tensor]:
+    """Each logged loss output's per-lane mean (as the reference's ``out[key].mean()``; a lane
+    with one value, the usual reduced loss output, is that value)."""
+    means = {}
+    for key in sorted(_LOGGED & out.keys()):
+        value = out[key].detach().reshape(S, -1)
+        means[key] = value[:, 0] if value.shape[1] == 1 else value.mean(1)
+    return means
 
 
-def _total(out: TensorDict) -> torch.Tensor:
-    return sum(out[k] for k in out.keys() if isinstance(k, str) and k.startswith("loss_"))
+def _total(out: dict[str, torch.Tensor]) -> torch.Tensor:
+    terms = [v for k, v in out.items() if isinstance(k, str) and k.startswith("loss_")]
+    return functools.reduce(operator.add, terms)
 
 
 @contextlib.contextmanager
@@ -285,12 +293,12 @@ def train_batched(cfgs: list[RunConfig], progress: bool | None = None,
                 perms = torch.stack([torch.randperm(N, generator=g) for g in perm_gens]).to(device)
                 shuffled = data[lane_ar, perms]  # one gather per epoch
                 for lo in range(0, N, tc.minibatch_size):
-                    out = lane_loss(shuffled[:, lo:lo + tc.minibatch_size])
+                    out = dict(lane_loss(shuffled[:, lo:lo + tc.minibatch_size], _LOGGED).items())
                     total = _total(out)
                     finite = torch.isfinite(total)
                     if not bool(finite.all()):
                         for s in torch.nonzero(~finite).flatten().tolist():
-                            bad = {k: float(out[k][s]) for k in out.keys()
+                            bad = {k: float(out[k][s]) for k in out
                                    if isinstance(k, str) and k.startswith("loss_")}
                             fail(s, f"non-finite loss at iteration {it} (frames {frames}): {bad}")
                     means = _lane_means(out, S)

@@ -48,6 +48,9 @@ from torch._C import _functorch as _ft
 from torch.func import vmap
 from torch.overrides import TorchFunctionMode
 
+from klppo_bench.harness.batched.replay import (NotRecordable, Recording, read_while_recording,
+                                                signature)
+
 __all__ = ["LaneLoss", "LanesDisagree", "LaneUnsupported", "distribution_validation_off",
            "lane_state_differences", "loss_structure"]
 
@@ -87,12 +90,23 @@ def _physical(t: torch.Tensor) -> tuple[torch.Tensor, int]:
     return _ft.get_unwrapped(t).movedim(bdim, 0), level
 
 
+def lanes_equal(lanes: torch.Tensor) -> torch.Tensor:
+    """Elementwise: each lane's value equals lane 0's (NaN equals NaN)."""
+    first = lanes[0]
+    if lanes.is_floating_point():
+        return (lanes == first) | (lanes.isnan() & first.isnan())
+    return lanes == first
+
+
 class _LaneMode(TorchFunctionMode):
     """See the module docstring; ``generators[i]`` is lane ``i``'s random stream."""
 
-    def __init__(self, generators: Sequence[torch.Generator]):
+    def __init__(self, generators: Sequence[torch.Generator],
+                 guards: list[torch.Tensor] | None = None):
         super().__init__()
         self.generators = generators
+        self.guards = guards
+        """While the call is recorded (:mod:`.replay`): the guards of its Python reads."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -100,15 +114,17 @@ class _LaneMode(TorchFunctionMode):
             return func(*args, **kwargs)
         if func in _SQUEEZE and (len(args) > 1 or "dim" in kwargs) and args[0].dim() == 0:
             return args[0]
+        if func in _SCALAR_READS and self.guards is not None:
+            lanes = _physical(args[0])[0] if _is_batched(args[0]) else None
+            return read_while_recording(func, args, kwargs, lanes, self.guards)
         if func in _SCALAR_READS and _is_batched(args[0]):
             lanes, _ = _physical(args[0])
-            first = lanes[0]
-            same = (lanes == first) | (lanes.isnan() & first.isnan()) \
-                if lanes.is_floating_point() else lanes == first
-            if len(lanes) > 1 and not bool(same.all()):
+            if len(lanes) > 1 and not bool(lanes_equal(lanes).all()):
                 raise LanesDisagree(f"lanes differ in a value read by Python ({func.__name__})")
-            return func(first, *args[1:], **kwargs)
+            return func(lanes[0], *args[1:], **kwargs)
         if func in _RANDOM_OUT_OF_PLACE or func in _RANDOM_IN_PLACE:
+            if self.guards is not None:
+                raise NotRecordable("the loss draws random numbers")
             level = _ft.maybe_current_level()
             if level is not None and "generator" not in kwargs:
                 return self._per_lane(func, args, kwargs, level)
@@ -252,6 +268,9 @@ def lane_state_differences(losses: Sequence[torch.nn.Module]) -> list[str]:
     return sorted(map(str, diff))
 
 
+_UNSEEN = object()
+
+
 class LaneLoss:
     """S lanes' loss modules as one vmapped call.
 
@@ -286,6 +305,11 @@ class LaneLoss:
         self.state = state
         self._swap = self._fast_swap_plan()
         self._vmapped = vmap(self._one_lane, in_dims=(0, 0), randomness="different")
+        self._state_leaves = [state.get(k) for k in state.keys(True, True)]
+        """The state's tensors (updated in place, never replaced), as a recording takes them."""
+        self._own = {k: state.get(k) for k in self.own_keys}
+        self._recordings: dict[tuple, Recording | None] = {}
+        """Per call signature: its recording, or ``None`` (that call stays eager)."""
 
     def _fast_swap_plan(self) -> list[tuple[str, str]] | None:
         """How to swap a lane's state in without ``TensorDict.to_module`` (~180 us a call here):
@@ -332,19 +356,76 @@ class LaneLoss:
         """The ``[S]`` stacked buffer ``name`` (e.g. ``beta``), or ``None``."""
         return self.state.get(name, None)
 
-    def __call__(self, batch: TensorDict) -> TensorDict:
-        """The loss output of every lane, ``[S]`` leading (``batch`` is ``[S, B]``)."""
-        states = [g.get_state() for g in self.generators]
-        buffers = {k: self.state.get(k).clone() for k in self.own_keys}
+    def __call__(self, batch: TensorDict, outputs: frozenset[str] | None = None) -> TensorDict:
+        """The loss output of every lane, ``[S]`` leading (``batch`` is ``[S, B]``).
+
+        A call with gradients is replayed from its signature's recording (:mod:`.replay`),
+        recorded on the signature's first call; the rest run the module eagerly. ``outputs``:
+        the output keys the caller reads besides the ``loss_*`` terms (all if ``None``); a
+        replay computes only those."""
+        if not torch.is_grad_enabled():
+            return self._eager(batch)
+        key, batch_leaves = signature(self.module, self._state_leaves, batch)
+        key = (key, outputs)
+        recording = self._recordings.get(key, _UNSEEN)
+        if recording is _UNSEEN:
+            recording = self._recordings[key] = self._record(batch, outputs)
+        if recording is not None:
+            out = recording(self._state_leaves, batch_leaves, self._own)
+            if out is not None:
+                return out
+        return self._eager(batch)
+
+    def _snapshot(self) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+        return ([g.get_state() for g in self.generators],
+                {k: v.clone() for k, v in self._own.items()})
+
+    def _restore(self, snapshot: tuple[list[torch.Tensor], dict[str, torch.Tensor]]) -> None:
+        rng, buffers = snapshot
+        for g, st in zip(self.generators, rng):
+            g.set_state(st)
+        for k, value in buffers.items():
+            # through .data: the version counter stays, so outputs computed from these values
+            # can still be differentiated
+            self._own[k].data.copy_(value)
+
+    def _record(self, batch: TensorDict, outputs: frozenset[str] | None) -> Recording | None:
+        """This call's recording, kept if its replay matches the eager call (see
+        :mod:`.replay`), else ``None``; the state is left as it was."""
+        before = self._snapshot()
+
+        def call(state, lanes_batch, guards):
+            with distribution_validation_off(), _LaneMode(self.generators, guards):
+                return self._vmapped(state, lanes_batch)
+
+        try:
+            eager_out = self._eager(batch)
+            eager_own = {k: v.clone() for k, v in self._own.items()}
+            self._restore(before)
+            recording = Recording.record(call, self.state, batch, outputs)
+            self._restore(before)
+            replayed = recording(self._state_leaves, signature(self.module, self._state_leaves,
+                                                               batch)[1], self._own)
+            same = recording.matches(eager_out, replayed, self._state_leaves) and all(
+                torch.allclose(self._own[k], v, rtol=1e-5, atol=1e-7, equal_nan=True)
+                for k, v in eager_own.items())
+            return recording if same else None
+        except (NotRecordable, LanesDisagree):
+            return None
+        except Exception:  # noqa: BLE001 -- anything make_fx cannot record stays eager
+            return None
+        finally:
+            self._restore(before)
+
+    def _eager(self, batch: TensorDict) -> TensorDict:
+        """The module called under ``vmap``; lane by lane where lanes take different
+        branches (from the same random streams and buffers)."""
+        before = self._snapshot()
         try:
             with distribution_validation_off(), _LaneMode(self.generators):
                 return self._vmapped(self.state, batch)
         except LanesDisagree:
-            for g, st in zip(self.generators, states):
-                g.set_state(st)  # the lane-by-lane rerun makes the same draws
-            with torch.no_grad():  # and starts from the same buffers
-                for k, value in buffers.items():
-                    self.state.get(k).copy_(value)
+            self._restore(before)
         outs = []
         for s in range(self.lanes):
             with distribution_validation_off(), _LaneMode(self.generators[s:s + 1]):

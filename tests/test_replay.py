@@ -1,0 +1,121 @@
+"""The batched engine's recorded loss calls (``harness/batched/replay.py``): which calls are
+replayed, and that a replay follows the data and the gradient rules of the eager module."""
+
+from __future__ import annotations
+
+import torch
+from torchrl.objectives import ClipPPOLoss
+
+from klppo_bench.config import build_run_config
+from klppo_bench.harness.batched import build_lanes
+from klppo_bench.harness.batched.lanes import LaneLoss
+from klppo_bench.harness.batched.nets import (
+    StackedActorCritic,
+    init_seed_models,
+    reference_parameters,
+)
+from klppo_bench.harness.batched.replay import Recording
+from klppo_bench.variants import get_variant
+
+from tests.test_batched import ACT, OBS, SEEDS, _data, _total
+
+
+def _lanes(loss_class):
+    """Lanes of ``loss_class`` over the clip variant's networks, and reference modules built
+    on separate copies of each lane's networks."""
+    cfg = build_run_config("clip", "Hopper", 0)
+    v = get_variant("clip")
+    models = [init_seed_models(OBS, ACT, cfg.model, v.distribution_class, s)[0] for s in SEEDS]
+    refs = [init_seed_models(OBS, ACT, cfg.model, v.distribution_class, s)[0] for s in SEEDS]
+    nets = StackedActorCritic.from_models(models, cfg.model)
+    shared = {id(p): q for p, q in zip(reference_parameters(models[0]),
+                                       nets.ordered_parameters())}
+    lanes = LaneLoss([loss_class(m.loss_actor, m.loss_critic) for m in models], shared,
+                     [torch.Generator().manual_seed(s) for s in SEEDS])
+    return nets, lanes, [(loss_class(m.loss_actor, m.loss_critic), reference_parameters(m))
+                         for m in refs]
+
+
+def _recorded(lanes: LaneLoss) -> list[bool]:
+    return [isinstance(r, Recording) for r in lanes._recordings.values()]
+
+
+def _assert_lanes_match_references(nets, lanes, refs, data):
+    out = lanes(data)
+    grads = torch.autograd.grad(_total(out).sum(), nets.ordered_parameters(), allow_unused=True)
+    for s, (module, params) in enumerate(refs):
+        ref = module(data[s])
+        torch.testing.assert_close(out["loss_objective"][s], ref["loss_objective"],
+                                   rtol=1e-5, atol=1e-6)
+        ref_grads = torch.autograd.grad(_total(ref), params, allow_unused=True)
+        for i, (g, rg) in enumerate(zip(grads, ref_grads)):
+            if rg is None:
+                assert g is None or not g[s].any()
+            else:
+                torch.testing.assert_close(g[s], rg, rtol=1e-4, atol=1e-6,
+                                           msg=f"grad of param {i} lane {s}")
+
+
+def test_calls_with_gradients_are_replayed_random_draws_and_no_grad_calls_are_not():
+    """clip and the analytic KL penalty are recorded on their first call with gradients; the
+    Monte-Carlo KL (random draws from each lane's stream) and calls without gradients run the
+    module eagerly; the KL-penalty recording computes the actor network once, not twice."""
+    data_gen = torch.Generator().manual_seed(0)
+    for variant, recorded in (("clip", True), ("klpen-adaptive", True),
+                              ("klpen-adaptive-mc", False)):
+        cfgs = [build_run_config(variant, "Hopper", s) for s in SEEDS]
+        nets, lanes, _ = build_lanes(cfgs, OBS, ACT, torch.device("cpu"))
+        data = _data(nets, 0.1, data_gen, lanes.module.tensor_keys.sample_log_prob)
+        with torch.no_grad():
+            lanes(data)
+        assert _recorded(lanes) == [], variant
+        lanes(data)
+        lanes(data)
+        assert _recorded(lanes) == [recorded], variant
+        if variant == "klpen-adaptive":
+            recording = next(iter(lanes._recordings.values()))
+            layers = [n for n in recording.gm.graph.nodes
+                      if n.target is torch.ops.aten.baddbmm.default]
+            assert len(layers) == 6, "3 actor + 3 critic layers (the module runs the actor twice)"
+
+
+def test_a_replayed_branch_follows_the_data():
+    """A Python ``if`` on the data inside the loss: recorded with one answer, the replay is
+    used only while every lane still gives it; other calls run the module (lane by lane when
+    the lanes differ), so every lane always takes the branch its own module would."""
+
+    class BranchyLoss(ClipPPOLoss):
+        def forward(self, tensordict):
+            out = super().forward(tensordict)
+            if tensordict["advantage"].mean() > 0:
+                out.set("loss_objective", out["loss_objective"] * 2)
+            return out
+
+    nets, lanes, refs = _lanes(BranchyLoss)
+    gen = torch.Generator().manual_seed(3)
+    for shift in ((1.0, 1.0, 1.0), (1.0, 1.0, 1.0), (-1.0, -1.0, -1.0), (1.0, -1.0, 1.0)):
+        data = _data(nets, 0.1, gen, "action_log_prob")
+        adv = data["advantage"]
+        data["advantage"] = adv - adv.mean(dim=(1, 2), keepdim=True) \
+            + torch.tensor(shift)[:, None, None]
+        _assert_lanes_match_references(nets, lanes, refs, data)
+    assert _recorded(lanes) == [True]
+
+
+def test_a_no_grad_block_inside_the_loss_stays_without_gradient_in_the_replay():
+    """The recording is made below autograd; a value computed under ``torch.no_grad()`` in the
+    loss (here a weight from the critic) must still pass no gradient to the critic."""
+
+    class WeightedLoss(ClipPPOLoss):
+        def forward(self, tensordict):
+            out = super().forward(tensordict)
+            with torch.no_grad():
+                weight = torch.exp(-out["loss_critic"])
+            out.set("loss_objective", out["loss_objective"] * weight)
+            return out
+
+    nets, lanes, refs = _lanes(WeightedLoss)
+    gen = torch.Generator().manual_seed(4)
+    for _ in range(3):
+        _assert_lanes_match_references(nets, lanes, refs, _data(nets, 0.1, gen, "action_log_prob"))
+    assert _recorded(lanes) == [True]
