@@ -74,7 +74,7 @@ def test_calls_with_gradients_are_replayed_random_draws_and_no_grad_calls_are_no
         assert _recorded(lanes) == [recorded], variant
         if variant == "klpen-adaptive":
             recording = next(iter(lanes._recordings.values()))
-            layers = [n for n in recording.gm.graph.nodes
+            layers = [n for n in recording.graph.nodes
                       if n.target is torch.ops.aten.baddbmm.default]
             assert len(layers) == 6, "3 actor + 3 critic layers (the module runs the actor twice)"
 

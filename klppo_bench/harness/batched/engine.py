@@ -6,7 +6,8 @@ loop, with a leading lane dimension on everything. Per iteration the ``S x num_e
 step together with one stacked policy call per step (:mod:`.envs`, :mod:`.nets`), GAE runs once
 over all lanes (torchrl's ``vec_generalized_advantage_estimate``), and ``epochs`` passes of
 per-lane shuffled minibatches go through the variant's loss module called for all lanes at once
-(:class:`~.lanes.LaneLoss`, ``torch.func.vmap``).
+(:class:`~.lanes.LaneLoss`, ``torch.func.vmap``; calls with gradients are replayed from a
+recording of the module's ops, :mod:`.replay`).
 
 Nothing couples lanes. Each keeps, as in the reference engine: its initial weights
 (``build_models`` under ``torch.manual_seed(seed)``), its env seeds, its observation statistics,
@@ -18,8 +19,9 @@ different ``train.lr`` get one parameter group each), global grad-norm clipping,
 variant's beta schedule (the same hooks the reference engine calls). A lane that diverges is
 recorded as failed and the others go on.
 
-What differs from the reference: float rounding (batched matmuls), and for ``num_envs > 1`` the
-order of observation-statistics merges (see :mod:`.envs`). Networks and updates run on
+What differs from the reference: float rounding (batched matmuls, the replay's merged and
+fused ops), and for ``num_envs > 1`` the order of observation-statistics merges (see
+:mod:`.envs`). Networks and updates run on
 ``cfg.device``; envs always on CPU.
 """
 

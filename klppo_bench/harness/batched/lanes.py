@@ -29,6 +29,10 @@ during the call) does instead:
 ``torch.distributions`` argument validation calls ``bool()`` on whole tensors and is switched
 off during the call (the values are the same; the reference engine's validation still runs).
 
+A call with gradients does not run this module each time: :mod:`.replay` records the ops it
+runs once per call signature and replays them (with guards on the ``bool()``/``item()`` reads
+above); calls that draw random numbers, or run without gradients, stay eager.
+
 A loss that cannot run this way (it writes ``.data`` of a buffer, calls ``.item()`` on
 lane-dependent values that differ, uses an op without a batching rule, ...) is found by
 :func:`probe_lanes` on a tiny synthetic batch; the planner then sends its runs to the

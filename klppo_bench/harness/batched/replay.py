@@ -132,14 +132,14 @@ def _pure(target) -> bool:
             and torch.Tag.nondeterministic_seeded not in target.tags)
 
 
-def _mutates(gm: torch.fx.GraphModule) -> bool:
+def _mutates(graph: torch.fx.Graph) -> bool:
     return any(isinstance(_op(n), torch._ops.OpOverload) and n.target._schema.is_mutable
-               for n in gm.graph.nodes)
+               for n in graph.nodes)
 
 
-def _draws(gm: torch.fx.GraphModule) -> bool:
+def _draws(graph: torch.fx.Graph) -> bool:
     return any(isinstance(_op(n), torch._ops.OpOverload)
-               and torch.Tag.nondeterministic_seeded in n.target.tags for n in gm.graph.nodes)
+               and torch.Tag.nondeterministic_seeded in n.target.tags for n in graph.nodes)
 
 
 def _meta(node) -> tuple | None:
@@ -207,12 +207,11 @@ def _drop_needless_detaches(graph: torch.fx.Graph, needs_grad: list[bool]) -> No
             carries[node] = floating and any(carries[a] for a in inputs)
 
 
-def simplify(gm: torch.fx.GraphModule, needs_grad: list[bool]) -> None:
+def simplify(graph: torch.fx.Graph, needs_grad: list[bool]) -> None:
     """Drop ops that return their input, needless detaches, and compute identical pure ops once
     (see the module docstring); a graph that writes a tensor in place is only cleared of dead
     code. ``needs_grad``: whether each input (placeholder) requires grad."""
-    graph = gm.graph
-    if not _mutates(gm):
+    if not _mutates(graph):
         _drop_needless_detaches(graph, needs_grad)
         seen: dict = {}
         for node in list(graph.nodes):
@@ -232,10 +231,58 @@ def simplify(gm: torch.fx.GraphModule, needs_grad: list[bool]) -> None:
                 graph.erase_node(node)
             else:
                 seen[key] = node
+    if not _mutates(graph):
+        _fold_constants(graph)
     graph.eliminate_dead_code()
-    if not _mutates(gm):
+    if not _mutates(graph):
         _fuse_bias_adds(graph)
-    gm.recompile()
+
+
+def _constant(value):
+    """Target of a node whose value was computed while recording (``meta["constant"]``)."""
+    raise AssertionError("constant nodes are compiled to their value")
+
+
+_NAN_FALSE = {aten.gt.Scalar, aten.lt.Scalar, aten.ge.Scalar, aten.le.Scalar, aten.eq.Scalar}
+
+
+def _fold_constants(graph: torch.fx.Graph) -> None:
+    """Compute once what does not depend on the inputs, and drop guards that always hold.
+
+    A comparison with a NaN scalar is always false (``ne``: true): the KL-penalty rule's
+    ``kl.mean() > dtarg * 1.5`` with the beta schedule's ``dtarg = nan``. Ops of pure
+    constants are then evaluated now; a guard that is a constant ``True`` is dropped, with
+    the reads it needed. Values the loss returns stay computed (each call gets its own)."""
+    known: dict[torch.fx.Node, torch.Tensor] = {}
+    output = next(n for n in graph.nodes if n.op == "output")
+    for node in list(graph.nodes):
+        target = _op(node)
+        val = node.meta.get("val")
+        if (target in _NAN_FALSE or target is aten.ne.Scalar) and len(node.args) == 2 \
+                and isinstance(node.args[1], float) and math.isnan(node.args[1]) \
+                and isinstance(val, torch.Tensor):
+            fill = target is aten.ne.Scalar
+            known[node] = torch.full(tuple(val.shape), fill, dtype=torch.bool, device=val.device)
+        elif _pure(target) and node.all_input_nodes \
+                and all(a in known for a in node.all_input_nodes):
+            with torch.no_grad():
+                known[node] = target(*torch.fx.node.map_arg(node.args, known.__getitem__),
+                                     **torch.fx.node.map_arg(node.kwargs, known.__getitem__))
+    values, guards = output.args[0]
+    kept = []
+    for guard in guards:
+        if guard in known and bool(known[guard].all()):
+            continue  # always holds
+        kept.append(guard)
+    output.args = ((values, kept),)
+    for node, value in known.items():
+        if node in values or not isinstance(value, torch.Tensor):
+            continue
+        if any(user not in known for user in node.users):
+            with graph.inserting_before(node):
+                const = graph.call_function(_constant, ())
+            const.meta = {"val": node.meta.get("val"), "constant": value}
+            node.replace_all_uses_with(const, delete_user_cb=lambda user: user not in known)
 
 
 def _fuse_bias_adds(graph: torch.fx.Graph) -> None:
@@ -288,6 +335,9 @@ def compile_graph(graph: torch.fx.Graph) -> Callable:
         names[node] = name
         if node.op == "placeholder":
             params.append(name)
+        elif node.target is _constant:
+            consts.append(node.meta["constant"])
+            lines.append(f"    {name} = C[{len(consts) - 1}]")
         elif node.op == "call_function":
             target = node.target._op if isinstance(node.target, torch._ops.OpOverload) \
                 else node.target
@@ -330,10 +380,12 @@ def _one_fake_mode():
 class Recording:
     """One call signature's recorded graph (build with :meth:`record`)."""
 
-    def __init__(self, gm, out_keys, batch_size, guards: int):
-        self.gm, self.out_keys, self.batch_size, self.guards = gm, out_keys, batch_size, guards
-        self.mutates = _mutates(gm)
-        self.run = compile_graph(gm.graph)
+    def __init__(self, graph: torch.fx.Graph, out_keys, batch_size):
+        self.graph, self.out_keys, self.batch_size = graph, out_keys, batch_size
+        output = next(n for n in graph.nodes if n.op == "output")
+        self.guards = len(output.args[0][1])
+        self.mutates = _mutates(graph)
+        self.run = compile_graph(graph)
 
     @classmethod
     def record(cls, call: Callable[[TensorDictBase, TensorDictBase, list], TensorDictBase],
@@ -366,16 +418,16 @@ class Recording:
             values = [out.get(k) for k in keys]
             if not all(isinstance(v, torch.Tensor) for v in values):
                 raise NotRecordable("the loss returns values that are not tensors")
-            found.update(out_keys=keys, batch_size=out.batch_size, guards=len(guards))
+            found.update(out_keys=keys, batch_size=out.batch_size)
             return values, guards
 
         leaves = [state.get(k) for k in state_keys] + [batch.get(k) for k in batch_keys]
         with _one_fake_mode():
             gm = make_fx(flat, tracing_mode="real")(*leaves)
-        if _draws(gm):
+        if _draws(gm.graph):
             raise NotRecordable("the loss draws random numbers")
-        simplify(gm, [leaf.requires_grad for leaf in leaves])
-        return cls(gm, found["out_keys"], found["batch_size"], found["guards"])
+        simplify(gm.graph, [leaf.requires_grad for leaf in leaves])
+        return cls(gm.graph, found["out_keys"], found["batch_size"])
 
     def __call__(self, state_leaves: list[torch.Tensor], batch_leaves: list[torch.Tensor],
                  own: dict[str, torch.Tensor]) -> TensorDict | None:
