@@ -291,9 +291,7 @@ def train_batched(cfgs: list[RunConfig], progress: bool | None = None,
 
             # ---- epochs of per-lane shuffled minibatches ----
             stats: dict[str, list[torch.Tensor]] = {}
-            _ts = [time.perf_counter()]
             for _ in range(tc.epochs):
-                _ts.append(time.perf_counter())
                 perms = torch.stack([torch.randperm(N, generator=g) for g in perm_gens]).to(device)
                 shuffled = data[lane_ar, perms]  # one gather per epoch
                 for minibatch in shuffled.split(tc.minibatch_size, 1):
@@ -322,7 +320,6 @@ def train_batched(cfgs: list[RunConfig], progress: bool | None = None,
                         stats.setdefault(key, []).append(value)
                     stats.setdefault("grad_norm", []).append(grad_norm)
 
-            _ts.append(time.perf_counter()); print("epochs ms", [round((b - a) * 1e3) for a, b in zip(_ts[1:], _ts[2:])], flush=True)
             # ---- per-lane diagnostics, beta schedule, rows ----
             with torch.no_grad(), distribution_validation_off():
                 new_loc, new_scale = nets.loc(data["observation"]), nets.scale().expand(S, N, A)
