@@ -119,3 +119,26 @@ def test_a_no_grad_block_inside_the_loss_stays_without_gradient_in_the_replay():
     for _ in range(3):
         _assert_lanes_match_references(nets, lanes, refs, _data(nets, 0.1, gen, "action_log_prob"))
     assert _recorded(lanes) == [True]
+
+
+def test_run_records_say_how_many_loss_calls_were_replayed(tmp_path):
+    """``status.json`` of a batched run keeps ``loss_calls``: replayed and eager counts, and why
+    a call signature was not recorded (the Monte-Carlo KL draws random numbers)."""
+    from klppo_bench.harness.batched import execute_batch
+
+    from tests.conftest import TINY, TINY_FRAMES
+
+    minibatches = 2 * (256 // 64)  # epochs x minibatches of one iteration
+    for variant in ("clip", "klpen-adaptive-mc"):
+        cfgs = [build_run_config(variant, "Hopper", s, frames=TINY_FRAMES, overrides=TINY)
+                for s in SEEDS[:2]]
+        run = execute_batch(cfgs, tmp_path / variant, progress=False)[0]
+        calls = run.status()["loss_calls"]
+        iterations = TINY_FRAMES // 256
+        if variant == "clip":
+            assert calls == {"replayed": iterations * minibatches, "eager": 0,
+                             "not_recorded": []}
+        else:  # plus one KL estimate per iteration, without gradients
+            assert calls["replayed"] == 0
+            assert calls["eager"] == iterations * (minibatches + 1)
+            assert calls["not_recorded"] == ["the loss draws random numbers"]

@@ -3,8 +3,10 @@ in one process, each lane through its variant's own loss module (``torch.func.vm
 
 * :mod:`.engine` -- the training loop (:func:`train_batched`);
 * :mod:`.lanes` -- the variant's loss module called for all lanes at once;
-* :mod:`.replay` -- that call recorded once as a graph of torch ops and replayed (the loss
-  module's Python runs once per call signature, not 320 times per iteration);
+* :mod:`.replay`, :mod:`.graph` -- that call recorded once as a graph of torch ops,
+  simplified, and replayed (the loss module's Python runs once per call signature, not 320
+  times per iteration);
+* :mod:`.structure` -- what lanes must share to share that call;
 * :mod:`.job` -- which runs share a job, why a run cannot be batched, each lane's record;
 * :mod:`.checkpoint` -- a job's checkpoints (resume bit for bit after a kill);
 * :mod:`.nets`, :mod:`.envs`, :mod:`.optim` -- stacked networks for acting, the lanes'

@@ -133,7 +133,7 @@ def build_lanes(cfgs: list[RunConfig], obs_dim: int, action_dim: int, device: to
 
 def train_batched(cfgs: list[RunConfig], progress: bool | None = None,
                   on_iteration: Callable[[int, dict], None] | None = None,
-                  checkpoint: Checkpointing | None = None
+                  checkpoint: Checkpointing | None = None, loss_calls: dict | None = None
                   ) -> list[RunResult | DivergenceError]:
     """Train the lanes of ``cfgs`` together (see :func:`~.job.check_batch` for what may differ).
 
@@ -141,7 +141,8 @@ def train_batched(cfgs: list[RunConfig], progress: bool | None = None,
     reference engine's schema, or the :class:`DivergenceError` that ended that lane (the
     others go on). ``on_iteration(index, row)`` is called with each lane's metrics row.
     With ``checkpoint``, the job resumes from its checkpoint if there is one and writes new
-    ones as it goes (:mod:`.checkpoint`).
+    ones as it goes (:mod:`.checkpoint`). ``loss_calls``, if given, receives
+    :meth:`~.lanes.LaneLoss.call_counts` at the end (replayed vs eager loss calls).
 
     Raises:
         ValueError: the configs cannot share a job.
@@ -375,6 +376,8 @@ def train_batched(cfgs: list[RunConfig], progress: bool | None = None,
         evaluator.close()
 
     wall = time.perf_counter() - start
+    if loss_calls is not None:
+        loss_calls.update(lane_loss.call_counts())
     out: list[RunResult | DivergenceError] = []
     for s in range(S):
         if s in failed:

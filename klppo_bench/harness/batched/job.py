@@ -250,9 +250,10 @@ def execute_batch(cfgs: list[RunConfig], exp_dir: Path | str, progress: bool | N
     if checkpoints:
         checkpoint = Checkpointing(job_checkpoint_path(exp_dir, [c.run_id() for c in batch]),
                                    every=checkpoint_every, keep=keep_checkpoints)
+    loss_calls: dict = {}
     try:
         results = train_batched(batch, progress=progress, on_iteration=hook,
-                                checkpoint=checkpoint)
+                                checkpoint=checkpoint, loss_calls=loss_calls)
     except Exception as err:  # recorded on every seed being written, not lost
         for i in writing:
             runs[i].fail(f"{type(err).__name__}: {err}", traceback=traceback.format_exc(limit=8),
@@ -263,7 +264,8 @@ def execute_batch(cfgs: list[RunConfig], exp_dir: Path | str, progress: bool | N
     # `seconds` is each seed's share of the process time, so wall-clock cost per run compares
     # across engines; the whole batch's time is kept as `batch_seconds`.
     batch_seconds = time.time() - t0
-    timing = {"seconds": batch_seconds / len(batch), "batch_seconds": batch_seconds}
+    timing = {"seconds": batch_seconds / len(batch), "batch_seconds": batch_seconds,
+              "loss_calls": loss_calls}
     if checkpoint is not None:
         timing["resumed_from_iteration"] = checkpoint.resumed_iteration
     result_of = dict(zip(trained, results))

@@ -42,8 +42,6 @@ reference engine and says why in one line.
 from __future__ import annotations
 
 import contextlib
-import math
-import re
 from typing import Sequence
 
 import torch
@@ -54,6 +52,7 @@ from torch.overrides import TorchFunctionMode
 
 from klppo_bench.harness.batched.replay import (NotRecordable, Recording, read_while_recording,
                                                 signature)
+from klppo_bench.harness.batched.structure import lane_state_differences, loss_structure
 
 __all__ = ["LaneLoss", "LanesDisagree", "LaneUnsupported", "distribution_validation_off",
            "lane_state_differences", "loss_structure"]
@@ -181,97 +180,6 @@ def distribution_validation_off():
         torch.distributions.Distribution.set_default_validate_args(previous)
 
 
-# KLPENPPOLoss keeps its initial beta as a float for ``reset()`` (never called by the
-# harness); the live value is the ``beta`` buffer, which is stacked per lane.
-_LANE_FREE_ATTRIBUTES = frozenset({"_beta_init"})
-
-
-def _normalized(value, depth: int = 0):
-    """A comparable stand-in for an attribute value: tensors by shape and dtype (their values
-    are stacked per lane), modules by class (they are walked themselves), functions by name,
-    containers element by element, anything else by its repr without memory addresses. Lanes
-    whose loss modules differ in any of these cannot share one module object."""
-    if depth > 6:
-        return ("deep", type(value).__qualname__)
-    if isinstance(value, torch.Tensor):
-        return ("tensor", tuple(value.shape), str(value.dtype))
-    if isinstance(value, TensorDictBase):
-        return ("tensordict", tuple(sorted(str(k) for k in value.keys(True, True))))
-    if isinstance(value, torch.nn.Module):
-        return ("module", type(value).__qualname__)
-    if isinstance(value, float) and math.isnan(value):
-        return "nan"
-    if value is None or isinstance(value, (bool, int, float, str, bytes)):
-        return (type(value).__name__, value)
-    if isinstance(value, (list, tuple)):
-        return (type(value).__name__, tuple(_normalized(v, depth + 1) for v in value))
-    if isinstance(value, dict):
-        return ("dict", tuple(sorted((repr(k), repr(_normalized(v, depth + 1)))
-                                     for k, v in value.items())))
-    if isinstance(value, (set, frozenset)):
-        return ("set", tuple(sorted(repr(_normalized(v, depth + 1)) for v in value)))
-    if isinstance(value, type) or callable(value) and hasattr(value, "__qualname__"):
-        return ("callable", getattr(value, "__module__", ""), value.__qualname__)
-    return ("object", type(value).__qualname__, re.sub(r" at 0x[0-9a-fA-F]+", "", repr(value)))
-
-
-def _plain_state(module: torch.nn.Module) -> dict:
-    """Every attribute that is not a parameter or buffer, of the loss module and of every
-    module inside it (registered or not: torchrl keeps ``actor_network`` as a plain
-    attribute), normalized (:func:`_normalized`)."""
-    out, seen, todo = {}, set(), [("", module)]
-    while todo:
-        prefix, mod = todo.pop()
-        if id(mod) in seen:
-            continue
-        seen.add(id(mod))
-        if isinstance(mod, TensorDictBase):  # torchrl's *_network_params: a parameter
-            out[prefix] = _normalized(mod)     # container whose other attributes are
-            continue                           # tensordict's own bookkeeping
-        for key, value in vars(mod).items():
-            if key in ("_parameters", "_buffers") or key in _LANE_FREE_ATTRIBUTES:
-                continue
-            name = f"{prefix}.{key}" if prefix else key
-            if key == "_modules":
-                todo += [(f"{prefix}.{k}" if prefix else k, m) for k, m in value.items()
-                         if m is not None]
-                continue
-            if isinstance(value, torch.nn.Module):
-                todo.append((name, value))
-            if "hook" in key and isinstance(value, dict):  # keyed by global handle ids
-                value = list(value.values())
-            out[name] = _normalized(value)
-    return out
-
-
-def _structure(loss: torch.nn.Module) -> dict:
-    """What lanes must share to share one vmapped call, by name: the loss class, every
-    attribute that is not a tensor (:func:`_plain_state`), and the shapes of its parameters
-    and buffers (their values may differ: they are stacked per lane)."""
-    out = {"loss class": f"{type(loss).__module__}.{type(loss).__qualname__}"}
-    out.update(_plain_state(loss))
-    out.update({f"shape of {k}": tuple(v.shape)
-                for k, v in TensorDict.from_module(loss).items(True, True)})
-    return out
-
-
-def loss_structure(loss: torch.nn.Module) -> str:
-    """:func:`_structure` as one string (the planner's lane key uses it)."""
-    return repr(sorted((str(k), repr(v)) for k, v in _structure(loss).items()))
-
-
-def lane_state_differences(losses: Sequence[torch.nn.Module]) -> list[str]:
-    """What the lanes' loss modules differ in, besides tensor values; ``[]`` if they can
-    share one vmapped call. Values kept in parameters or buffers (beta, clip_epsilon,
-    critic_coeff, entropy_coeff, ...) may differ: they are stacked per lane."""
-    ref = _structure(losses[0])
-    diff = set()
-    for loss in losses[1:]:
-        other = _structure(loss)
-        diff |= {k for k in ref.keys() | other.keys() if ref.get(k) != other.get(k)}
-    return sorted(map(str, diff))
-
-
 _UNSEEN = object()
 
 
@@ -314,6 +222,8 @@ class LaneLoss:
         self._own = {k: state.get(k) for k in self.own_keys}
         self._recordings: dict[tuple, Recording | None] = {}
         """Per call signature: its recording, or ``None`` (that call stays eager)."""
+        self._not_recorded: dict[tuple, str] = {}
+        self.calls = {"replayed": 0, "eager": 0}
 
     def _fast_swap_plan(self) -> list[tuple[str, str]] | None:
         """How to swap a lane's state in without ``TensorDict.to_module`` (~180 us a call here):
@@ -368,17 +278,25 @@ class LaneLoss:
         the output keys the caller reads besides the ``loss_*`` terms (all if ``None``); a
         replay computes only those."""
         if not torch.is_grad_enabled():
+            self.calls["eager"] += 1
             return self._eager(batch)
         key, batch_leaves = signature(self.module, self._state_leaves, batch)
         key = (key, outputs)
         recording = self._recordings.get(key, _UNSEEN)
         if recording is _UNSEEN:
-            recording = self._recordings[key] = self._record(batch, outputs)
+            recording = self._recordings[key] = self._record(batch, outputs, key)
         if recording is not None:
             out = recording(self._state_leaves, batch_leaves, self._own)
             if out is not None:
+                self.calls["replayed"] += 1
                 return out
+        self.calls["eager"] += 1
         return self._eager(batch)
+
+    def call_counts(self) -> dict:
+        """How many calls were replayed and how many ran the module, and why a call signature
+        with gradients was not recorded (the run records keep this as ``loss_calls``)."""
+        return {**self.calls, "not_recorded": sorted(set(self._not_recorded.values()))}
 
     def _snapshot(self) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
         return ([g.get_state() for g in self.generators],
@@ -393,9 +311,11 @@ class LaneLoss:
             # can still be differentiated
             self._own[k].data.copy_(value)
 
-    def _record(self, batch: TensorDict, outputs: frozenset[str] | None) -> Recording | None:
+    def _record(self, batch: TensorDict, outputs: frozenset[str] | None,
+                key: tuple) -> Recording | None:
         """This call's recording, kept if its replay matches the eager call (see
-        :mod:`.replay`), else ``None``; the state is left as it was."""
+        :mod:`.replay`), else ``None`` (why: ``_not_recorded[key]``); the state is left as it
+        was."""
         before = self._snapshot()
 
         def call(state, lanes_batch, guards):
@@ -413,10 +333,14 @@ class LaneLoss:
             same = recording.matches(eager_out, replayed, self._state_leaves) and all(
                 torch.allclose(self._own[k], v, rtol=1e-5, atol=1e-7, equal_nan=True)
                 for k, v in eager_own.items())
+            if not same:
+                self._not_recorded[key] = "its replay did not match the eager call"
             return recording if same else None
-        except (NotRecordable, LanesDisagree):
+        except (NotRecordable, LanesDisagree) as err:
+            self._not_recorded[key] = str(err)
             return None
-        except Exception:  # noqa: BLE001 -- anything make_fx cannot record stays eager
+        except Exception as err:  # noqa: BLE001 -- anything make_fx cannot record stays eager
+            self._not_recorded[key] = f"recording failed ({type(err).__name__}: {err})"[:300]
             return None
         finally:
             self._restore(before)
