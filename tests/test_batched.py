@@ -487,40 +487,6 @@ def test_a_checkpoint_of_other_runs_is_refused_in_one_line(tmp_path):
     assert path.with_name("job.pt.refused").read_bytes() == b"not a checkpoint"
 
 
-def test_lanes_that_branch_differently_are_rerun_lane_by_lane():
-    """A loss with a Python ``if`` on its data: when the lanes' answers differ, the call is
-    rerun one lane at a time, so each lane takes its own branch, as its own module would."""
-    from torchrl.objectives import ClipPPOLoss
-
-    from klppo_bench.harness.batched.lanes import LaneLoss
-
-    class BranchyLoss(ClipPPOLoss):
-        def forward(self, tensordict):
-            out = super().forward(tensordict)
-            if tensordict["advantage"].mean() > 0:  # a data-dependent branch
-                out.set("loss_objective", out["loss_objective"] * 2)
-            return out
-
-    cfg = build_run_config("clip", "Hopper", 0)
-    v = get_variant("clip")
-    models = [init_seed_models(OBS, ACT, cfg.model, v.distribution_class, s)[0] for s in SEEDS]
-    refs = [init_seed_models(OBS, ACT, cfg.model, v.distribution_class, s)[0] for s in SEEDS]
-    nets = StackedActorCritic.from_models(models, cfg.model)
-    shared = {id(p): q for p, q in zip(reference_parameters(models[0]),
-                                       nets.ordered_parameters())}
-    lanes = LaneLoss([BranchyLoss(m.loss_actor, m.loss_critic) for m in models], shared,
-                     [torch.Generator().manual_seed(s) for s in SEEDS])
-    data = _data(nets, 0.1, torch.Generator().manual_seed(3), "action_log_prob")
-    data["advantage"] = data["advantage"] - data["advantage"].mean(dim=(1, 2), keepdim=True)
-    data["advantage"][0] += 1.0  # lane 0 positive on average, the others negative
-    data["advantage"][1:] -= 1.0
-    out = lanes(data)
-    for s, m in enumerate(refs):
-        ref = BranchyLoss(m.loss_actor, m.loss_critic)(data[s])
-        torch.testing.assert_close(out["loss_objective"][s], ref["loss_objective"],
-                                   rtol=1e-5, atol=1e-6)
-
-
 @pytest.mark.parametrize("env_id", ["Ant-v5", "Hopper-v5"])
 def test_a_restored_mujoco_env_steps_exactly_like_the_original(env_id):
     """Ant reads quantities left from the previous step (xpos): the checkpoint copies the whole

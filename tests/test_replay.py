@@ -81,8 +81,9 @@ def test_calls_with_gradients_are_replayed_random_draws_and_no_grad_calls_are_no
 
 def test_a_replayed_branch_follows_the_data():
     """A Python ``if`` on the data inside the loss: recorded with one answer, the replay is
-    used only while every lane still gives it; other calls run the module (lane by lane when
-    the lanes differ), so every lane always takes the branch its own module would."""
+    used only while every lane still gives it; other calls run the module, one lane at a time
+    when the lanes' answers differ, so every lane always takes the branch its own module would
+    (losses and gradients equal to each lane's own module)."""
 
     class BranchyLoss(ClipPPOLoss):
         def forward(self, tensordict):
