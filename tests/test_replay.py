@@ -143,3 +143,68 @@ def test_run_records_say_how_many_loss_calls_were_replayed(tmp_path):
             assert calls["replayed"] == 0
             assert calls["eager"] == iterations * (minibatches + 1)
             assert calls["not_recorded"] == ["the loss draws random numbers"]
+
+
+def test_a_replay_stops_at_the_guard_that_fails():
+    """Ops recorded after a Python read belong to the branch taken while recording; with other
+    values they may be invalid (here an out-of-range gather, which the module itself never
+    runs). The replay stops at the failed guard and the call runs the module."""
+
+    class GuardedGather(ClipPPOLoss):
+        def forward(self, tensordict):
+            out = super().forward(tensordict)
+            adv = tensordict["advantage"]
+            index = (adv > 10).long() * 1000  # out of range wherever an advantage is > 10
+            if (index < adv.shape[0]).all():
+                out.set("loss_objective", out["loss_objective"] + 0 * adv.gather(0, index).mean())
+            return out
+
+    nets, lanes, refs = _lanes(GuardedGather)
+    gen = torch.Generator().manual_seed(4)
+    for big in (False, False, True):
+        data = _data(nets, 0.1, gen, "action_log_prob")
+        if big:
+            data["advantage"][:, 0] = 50.0
+        _assert_lanes_match_references(nets, lanes, refs, data)
+    assert lanes.calls == {"replayed": 2, "eager": 1} and _recorded(lanes) == [True]
+
+
+def test_a_loss_that_writes_its_batch_in_place_runs_once_per_call_and_is_not_recorded():
+    """Recording runs the module more than once; a loss that writes its inputs in place must
+    still see, and leave, what one call of its own module leaves."""
+
+    class InPlaceLoss(ClipPPOLoss):
+        def forward(self, tensordict):
+            tensordict["value_target"].mul_(2.0)
+            return super().forward(tensordict)
+
+    nets, lanes, _ = _lanes(InPlaceLoss)
+    data = _data(nets, 0.1, torch.Generator().manual_seed(3), "action_log_prob")
+    before = data["value_target"].clone()
+    lanes(data)
+    torch.testing.assert_close(data["value_target"], before * 2, rtol=0, atol=0)
+    assert _recorded(lanes) == [False]
+    assert lanes.call_counts()["not_recorded"] == [
+        "the loss writes its inputs, parameters or buffers in place"]
+
+
+def test_simplify_keeps_the_sign_of_zero_and_merges_only_identical_ops():
+    """Computing identical ops once must not merge ``x * -0.0`` with ``x * 0.0`` (equal in
+    Python, not to ``atan2``); truly identical ones are merged."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from klppo_bench.harness.batched.graph import compile_graph, simplify
+
+    def f(x):
+        minus_one = torch.full_like(x, -1.0)
+        return [torch.atan2(x * -0.0, minus_one), torch.atan2(x * 0.0, minus_one),
+                torch.tanh(x) + torch.tanh(x)], []
+
+    x = torch.ones(3)
+    graph = make_fx(f, tracing_mode="real")(x).graph
+    simplify(graph, [False])
+    got = compile_graph(graph)(x)
+    for a, b in zip(got, f(x)[0]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    tanh = [n for n in graph.nodes if n.target is torch.ops.aten.tanh.default]
+    assert len(tanh) == 1

@@ -24,7 +24,7 @@ from typing import Callable
 
 import torch
 
-__all__ = ["compile_graph", "draws", "mutates", "simplify"]
+__all__ = ["compile_graph", "draws", "mutates", "simplify", "writes_inputs"]
 
 aten = torch.ops.aten
 
@@ -41,6 +41,23 @@ def _pure(target) -> bool:
 def mutates(graph: torch.fx.Graph) -> bool:
     return any(isinstance(_op(n), torch._ops.OpOverload) and n.target._schema.is_mutable
                for n in graph.nodes)
+
+
+def writes_inputs(graph: torch.fx.Graph) -> bool:
+    """Whether an op writes, in place, one of the graph's inputs (or a view of one)."""
+    for node in graph.nodes:
+        target = _op(node)
+        if not isinstance(target, torch._ops.OpOverload) or not target._schema.is_mutable:
+            continue
+        for arg, spec in zip(node.args, target._schema.arguments):
+            if spec.alias_info is None or not spec.alias_info.is_write:
+                continue
+            while isinstance(arg, torch.fx.Node) and isinstance(_op(arg), torch._ops.OpOverload) \
+                    and arg.target._schema.returns and arg.target._schema.returns[0].alias_info:
+                arg = arg.args[0]  # through views to what they view
+            if isinstance(arg, torch.fx.Node) and arg.op == "placeholder":
+                return True
+    return False
 
 
 def draws(graph: torch.fx.Graph) -> bool:
@@ -84,6 +101,8 @@ def _hashable(value):
         return ("dict", tuple(sorted((k, _hashable(v)) for k, v in value.items())))
     if isinstance(value, float) and math.isnan(value):
         return ("nan",)
+    if isinstance(value, float):  # -0.0 == 0.0 in Python, not in every op (atan2, 1 / x)
+        return ("float", value, math.copysign(1.0, value))
     if isinstance(value, (torch.fx.Node, int, float, bool, str, type(None), torch.dtype,
                           torch.device, torch.layout, torch.memory_format)):
         return (type(value).__name__, value)
@@ -215,6 +234,10 @@ def _fuse_bias_adds(graph: torch.fx.Graph) -> None:
 def compile_graph(graph: torch.fx.Graph) -> Callable:
     """The graph as one Python function that calls each op's C++ entry point directly.
 
+    The graph returns ``(values, guards)``; the function returns the list of values, or
+    ``None`` as soon as a guard is false: nothing recorded after that Python read runs (the
+    branch taken while recording may be wrong, even invalid, for these values).
+
     FX's own generated code calls ``torch.ops.aten.<op>.<overload>(...)``: four attribute
     lookups and a Python ``OpOverload.__call__`` per op, about 0.45 us more per op than a
     direct call (measured here); at ~80 ops per loss call that was ~3% of a minibatch."""
@@ -235,6 +258,9 @@ def compile_graph(graph: torch.fx.Graph) -> Callable:
         consts.append(value)
         return f"C[{len(consts) - 1}]"
 
+    output = next(n for n in graph.nodes if n.op == "output")
+    values, guards = output.args[0]
+    guard_nodes = set(guards)
     params = []
     for i, node in enumerate(graph.nodes):
         name = f"v{i}"
@@ -251,9 +277,11 @@ def compile_graph(graph: torch.fx.Graph) -> Callable:
             args += [f"{k}={render(v)}" for k, v in node.kwargs.items()]
             lines.append(f"    {name} = {render(target)}({', '.join(args)})")
         elif node.op == "output":
-            lines.append(f"    return {render(node.args[0])}")
+            lines.append(f"    return {render(list(values))}")
         else:  # get_attr and the rest: not produced by the recordings here
             raise ValueError(f"cannot compile graph node {node.op} {node.target}")
+        if node in guard_nodes:  # a guard that fails ends the replay before what follows
+            lines.append(f"    if not {name}:\n        return None")
     source = f"def replay({', '.join(params)}):\n" + "\n".join(lines) + "\n"
     scope: dict = {"C": consts}
     exec(compile(source, "<klppo_bench replay>", "exec"), scope)  # noqa: S102 -- our own code

@@ -286,7 +286,10 @@ class LaneLoss:
         if recording is _UNSEEN:
             recording = self._recordings[key] = self._record(batch, outputs, key)
         if recording is not None:
-            out = recording(self._state_leaves, batch_leaves, self._own)
+            try:
+                out = recording(self._state_leaves, batch_leaves)
+            except Exception:  # noqa: BLE001 -- an op the eager call would not reach (a
+                out = None     # recorded branch beyond a guard): the eager call decides
             if out is not None:
                 self.calls["replayed"] += 1
                 return out
@@ -314,9 +317,20 @@ class LaneLoss:
     def _record(self, batch: TensorDict, outputs: frozenset[str] | None,
                 key: tuple) -> Recording | None:
         """This call's recording, kept if its replay matches the eager call (see
-        :mod:`.replay`), else ``None`` (why: ``_not_recorded[key]``); the state is left as it
-        was."""
+        :mod:`.replay`), else ``None`` (why: ``_not_recorded[key]``). The module runs up to
+        three times here (eager, recorded, replayed): the random streams, the loss's buffers,
+        and, should the loss write them in place, the parameters and the batch are put back
+        before each run and at the end."""
         before = self._snapshot()
+        inputs = [t for t in [*self._state_leaves, *batch.values(True, True)]
+                  if isinstance(t, torch.Tensor)]
+        saved = [t.detach().clone() for t in inputs]
+
+        def restore() -> None:
+            self._restore(before)
+            for t, value in zip(inputs, saved):
+                if not torch.equal(t, value):
+                    t.data.copy_(value)
 
         def call(state, lanes_batch, guards):
             with distribution_validation_off(), _LaneMode(self.generators, guards):
@@ -325,11 +339,11 @@ class LaneLoss:
         try:
             eager_out = self._eager(batch)
             eager_own = {k: v.clone() for k, v in self._own.items()}
-            self._restore(before)
+            restore()
             recording = Recording.record(call, self.state, batch, outputs)
-            self._restore(before)
-            replayed = recording(self._state_leaves, signature(self.module, self._state_leaves,
-                                                               batch)[1], self._own)
+            restore()
+            replayed = recording(self._state_leaves,
+                                 signature(self.module, self._state_leaves, batch)[1])
             same = recording.matches(eager_out, replayed, self._state_leaves) and all(
                 torch.allclose(self._own[k], v, rtol=1e-5, atol=1e-7, equal_nan=True)
                 for k, v in eager_own.items())
@@ -343,7 +357,7 @@ class LaneLoss:
             self._not_recorded[key] = f"recording failed ({type(err).__name__}: {err})"[:300]
             return None
         finally:
-            self._restore(before)
+            restore()
 
     def _eager(self, batch: TensorDict) -> TensorDict:
         """The module called under ``vmap``; lane by lane where lanes take different

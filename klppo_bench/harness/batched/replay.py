@@ -27,9 +27,12 @@ What makes a replay the eager call (else the call runs eagerly, as before):
   iteration KL diagnostic) stay eager: recording one costs more than replaying saves.
 * **Python reads of tensor values are guarded.** While recording, ``bool()``/``item()``
   answers come from the real values and each read adds a guard to the graph: "this value is
-  still what it was, in every lane". A replay whose guards fail is thrown away (buffers it
-  wrote are restored) and that call runs eagerly, so a data-dependent branch always takes
-  the path its values ask for.
+  still what it was, in every lane". A replay stops at the first guard that fails (nothing
+  recorded after that read runs) and that call runs eagerly, so a data-dependent branch
+  always takes the path its values ask for.
+* **No in-place writes to inputs.** A loss that writes its batch, parameters or buffers in
+  place (a running statistic) is not recorded: a replay stopped by a guard would have to undo
+  them. In-place ops on its own temporaries are fine.
 * **No random draws.** A loss that draws (the Monte-Carlo KL) is never recorded: a replay
   would not draw from each lane's generator.
 * **No no-grad leaks.** ``make_fx`` records below autograd; ops that ran under
@@ -58,7 +61,7 @@ from torch.fx.experimental.proxy_tensor import disable_proxy_modes_tracing, make
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map_only
 
-from klppo_bench.harness.batched.graph import compile_graph, draws, mutates, simplify
+from klppo_bench.harness.batched.graph import compile_graph, draws, simplify, writes_inputs
 
 __all__ = ["NotRecordable", "Recording", "guard_for", "read_while_recording", "signature"]
 
@@ -163,7 +166,6 @@ class Recording:
         self.graph, self.out_keys, self.batch_size = graph, out_keys, batch_size
         output = next(n for n in graph.nodes if n.op == "output")
         self.guards = len(output.args[0][1])
-        self.mutates = mutates(graph)
         self.run = compile_graph(graph)
 
     @classmethod
@@ -205,19 +207,17 @@ class Recording:
             gm = make_fx(flat, tracing_mode="real")(*leaves)
         if draws(gm.graph):
             raise NotRecordable("the loss draws random numbers")
+        if writes_inputs(gm.graph):
+            raise NotRecordable("the loss writes its inputs, parameters or buffers in place")
         simplify(gm.graph, [leaf.requires_grad for leaf in leaves])
         return cls(gm.graph, found["out_keys"], found["batch_size"])
 
-    def __call__(self, state_leaves: list[torch.Tensor], batch_leaves: list[torch.Tensor],
-                 own: dict[str, torch.Tensor]) -> TensorDict | None:
-        """The replayed call's output, or ``None`` when a guard failed (the buffers in ``own``,
-        the loss's own per-lane tensors, are then as before the call)."""
-        before = {k: v.clone() for k, v in own.items()} if self.mutates and self.guards else None
-        values, guards = self.run(*state_leaves, *batch_leaves)
-        if guards and not bool(torch.stack(guards).all()):
-            if before is not None:
-                for k, v in before.items():
-                    own[k].data.copy_(v)
+    def __call__(self, state_leaves: list[torch.Tensor],
+                 batch_leaves: list[torch.Tensor]) -> TensorDict | None:
+        """The replayed call's output, or ``None`` when a guard failed (a recording never
+        writes its inputs, so nothing is left to undo)."""
+        values = self.run(*state_leaves, *batch_leaves)
+        if values is None:
             return None
         return TensorDict(dict(zip(self.out_keys, values)), batch_size=self.batch_size)
 
