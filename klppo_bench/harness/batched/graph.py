@@ -220,6 +220,7 @@ def _fuse_bias_adds(graph: torch.fx.Graph) -> None:
         for mm, other in ((a, b), (b, a)):
             if (isinstance(mm, torch.fx.Node) and _op(mm) is aten.bmm.default
                     and len(mm.users) == 1 and isinstance(other, torch.fx.Node)
+                    and other is not mm
                     and _meta(node) is not None and _meta(node) == _meta(mm)
                     and _meta(other) is not None and _meta(other)[1] == _meta(mm)[1]):
                 with graph.inserting_before(node):

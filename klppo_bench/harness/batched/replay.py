@@ -167,6 +167,7 @@ class Recording:
         output = next(n for n in graph.nodes if n.op == "output")
         self.guards = len(output.args[0][1])
         self.run = compile_graph(graph)
+        self._flat = all(isinstance(k, str) for k in out_keys)
 
     @classmethod
     def record(cls, call: Callable[[TensorDictBase, TensorDictBase, list], TensorDictBase],
@@ -179,7 +180,8 @@ class Recording:
         ``None``); what no returned output needs is not computed.
 
         Raises:
-            NotRecordable: the call draws random numbers or returns something not a tensor.
+            NotRecordable: the call draws random numbers, writes its inputs in place or
+                returns something that is not a tensor.
         """
         state_keys, batch_keys = _leaf_keys(state), _leaf_keys(batch)
         n_state = len(state_keys)
@@ -219,7 +221,12 @@ class Recording:
         values = self.run(*state_leaves, *batch_leaves)
         if values is None:
             return None
-        return TensorDict(dict(zip(self.out_keys, values)), batch_size=self.batch_size)
+        if self._flat:
+            return TensorDict(dict(zip(self.out_keys, values)), batch_size=self.batch_size)
+        out = TensorDict({}, batch_size=self.batch_size)
+        for key, value in zip(self.out_keys, values):  # nested keys
+            out.set(key, value)
+        return out
 
     def matches(self, eager_out: TensorDictBase, replay_out: TensorDictBase | None,
                 inputs: list[torch.Tensor]) -> bool:
@@ -233,13 +240,11 @@ class Recording:
         if not torch.is_grad_enabled() or not wanted:
             return True
 
-        def grads(out, retain):
+        def grads(out):
             total = [v.sum() for v in (out.get(k) for k in self.out_keys)
                      if v.requires_grad and v.is_floating_point()]
             if not total:
                 return [None] * len(wanted)
-            return torch.autograd.grad(torch.stack(total).sum(), wanted, retain_graph=retain,
-                                       allow_unused=True)
+            return torch.autograd.grad(torch.stack(total).sum(), wanted, allow_unused=True)
 
-        return all(_grad_close(a, b) for a, b in zip(grads(eager_out, False),
-                                                     grads(replay_out, False)))
+        return all(_grad_close(a, b) for a, b in zip(grads(eager_out), grads(replay_out)))
