@@ -167,6 +167,9 @@ def test_a_replay_stops_at_the_guard_that_fails():
             data["advantage"][:, 0] = 50.0
         _assert_lanes_match_references(nets, lanes, refs, data)
     assert lanes.calls == {"replayed": 2, "eager": 1} and _recorded(lanes) == [True]
+    # the recording itself returns None at the guard: the invalid gather never runs
+    recording = next(iter(lanes._recordings.values()))
+    assert recording(lanes._state_leaves, [v for _, v in data.items(True, True)]) is None
 
 
 def test_a_loss_that_writes_its_batch_in_place_runs_once_per_call_and_is_not_recorded():
