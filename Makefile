@@ -10,6 +10,8 @@ SPEC   ?= experiments/bench.yaml
 EXPERIMENT ?=
 REPORT_OF = $(if $(EXPERIMENT),$(RESULTS)/$(EXPERIMENT),$(SPEC) --results $(RESULTS))
 RESULTS ?= results
+# report: pool the stored runs of this experiment directory (e.g. results/reference/ppo_table1)
+COMPARE_TO ?=
 SEEDS  ?=
 FRAMES ?=
 BACKEND ?= local
@@ -44,7 +46,7 @@ sweep: install
 	$(BIN)/klppo-bench sweep $(SPEC) $(SWEEP_ARGS)
 
 report: install
-	$(BIN)/klppo-bench report $(REPORT_OF)
+	$(BIN)/klppo-bench report $(REPORT_OF) $(if $(COMPARE_TO),--compare-to $(COMPARE_TO))
 
 variants: install
 	$(BIN)/klppo-bench variants

@@ -101,6 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="episodes of the uniform-random policy per env (cached)")
     p.add_argument("--random-seed", type=int, default=0, help="seed of the random-policy score")
     p.add_argument("--out", default=None, help="report directory (default EXPERIMENT/report)")
+    p.add_argument("--compare-to", default=None, metavar="STORED",
+                   help="pool the runs of a stored experiment directory (e.g. "
+                        "results/reference/ppo_table1) whose definition matches this one's "
+                        "(env id, frames, train/model/eval config, variant parameters); the "
+                        "others are listed with why")
     p.add_argument("--all-definitions", action="store_true",
                    help="also report runs of earlier definitions of the experiment (another "
                         "frames, train/model/eval value or loss code than its last sweep), "

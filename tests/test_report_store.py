@@ -155,8 +155,13 @@ def test_engines_are_shown_and_wall_clock_compared_within_one(tmp_path):
     table = pd.read_csv(exp / "report" / "tables" / "wall_clock.csv")
     assert list(table.engine) == ["batched", "batched", "reference", "reference"]
     wall = md.split("## Wall-clock per run (within each engine)")[1].split("\n## ")[0]
-    # the fastest of each engine is marked, not one across engines
-    assert wall.count("**") == 4                 # one bold per engine: CIs far apart
+    # the fastest of each engine is marked, not one across engines; a setting measured by
+    # one job (reference dual-clip: seed 2 only) has no CI, so the reference group has one
+    # interval and ranks nothing
+    bold = [line for line in wall.splitlines() if "**" in line and line.startswith("|")]
+    assert wall.count("**") == 2 and len(bold) == 1 and bold[0].startswith("| batched | clip |")
+    assert cost.loc[("reference", "dual-clip"), "jobs"] == 1
+    assert np.isnan(cost.loc[("reference", "dual-clip"), "ci_low"])
     aggregates = pd.read_csv(exp / "report" / "aggregates.csv")
     assert set(aggregates[aggregates.kind == "wall_clock"].engine) == {"batched", "reference"}
 
@@ -262,3 +267,26 @@ def test_kl_ratio_is_the_median_seed_and_beta_the_geometric_mean():
     np.testing.assert_allclose(beta["klpen"][0], 4.0)             # (1 * 4 * 16) ** (1/3)
     for point, low, high in (ratio["klpen"], beta["klpen"]):
         assert (low <= point + 1e-12).all() and (point <= high + 1e-12).all()
+
+
+def test_wall_clock_counts_a_batched_job_once(tmp_path):
+    """Lanes of one batched job share its time: one job is one measurement, so a setting
+    trained by one job gets no CI (the report never bolds a scheduling accident)."""
+    exp = tmp_path / "results" / "jobs"
+    runs = [store_run(exp, s, seed, 900, engine="batched", seconds=7.0)
+            for s in ("clip", "no-clip") for seed in range(3)]
+    for run in runs:  # clip's 3 lanes in one job, no-clip's in another
+        status = json.loads((run.path / "status.json").read_text())
+        mates = [r.run_id for r in runs if r.run_id.split("-s")[0] == run.run_id.split("-s")[0]]
+        status["provenance"]["batch_runs"] = mates
+        status["seconds"] = 7.0
+        (run.path / "status.json").write_text(json.dumps(status))
+    seed_random_cache(tmp_path / "results")
+    rep = build_report(exp, options(baseline="clip"))
+    cost = rep.cost.set_index("setting")
+    assert cost.loc["clip", "jobs"] == 1 and cost.loc["clip", "n_runs"] == 3
+    assert cost.loc["clip", "lanes_per_job"] == 3
+    assert np.isnan(cost.loc["clip", "ci_low"]) and cost.loc["clip", "value"] == 7.0
+    wall = (exp / "report" / "report.md").read_text() \
+        .split("## Wall-clock per run (within each engine)")[1].split("\n## ")[0]
+    assert "**" not in wall.split("*underlined")[0]

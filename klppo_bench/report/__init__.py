@@ -23,6 +23,7 @@ def main_report(args) -> int:
         random_episodes=getattr(args, "random_episodes", 100),
         random_seed=getattr(args, "random_seed", 0),
         all_definitions=getattr(args, "all_definitions", False),
+        compare_to=Path(args.compare_to) if getattr(args, "compare_to", None) else None,
         out=Path(args.out) if getattr(args, "out", None) else None)
     rep = build_report(Path(args.experiment), opts)
     other = sum(len(g.run_ids) for g in rep.left_out)

@@ -21,7 +21,8 @@ from klppo_bench.errors import ConfigError
 from klppo_bench.report.definitions import select_definition, variant_sources
 from klppo_bench.report.tables import fmt
 from klppo_bench.stats.random_policy import random_scores
-from klppo_bench.stats.scores import read_runs, score_table, varied_params
+from klppo_bench.stats.scores import (as_float, parse_params, read_runs, score_table,
+                                      varied_params)
 from klppo_bench.store import Unreadable, load_tables
 
 METRICS_REQUIRED = ("frames", "episode_return")
@@ -44,6 +45,9 @@ class ReportOptions:
     """Report directory (default ``<experiment>/report``)."""
     cache_dir: Path | None = None
     """Random-score cache directory (default ``<results root>/.cache``)."""
+    compare_to: Path | None = None
+    """A stored experiment directory (``results/reference/ppo_table1``) whose runs of the same
+    definition are pooled with this experiment's (:mod:`klppo_bench.report.compare`)."""
     all_definitions: bool = False
     """Report the runs of every definition on disk, each other definition's settings labelled
     with what differs (``clip [frames=1024]``); default: the current definition only."""
@@ -70,6 +74,7 @@ class Report:
     notes: list = field(default_factory=list)
     definition: str = "no manifest"                 # manifest | all-definitions | no manifest
     left_out: list = field(default_factory=list)    # LeftOut groups: runs of other definitions
+    pooled: object = None                           # compare.Pooled of --compare-to, if any
     sources: pd.DataFrame = None                    # variant, kind, source, code, runs
     score_sets: dict = field(default_factory=dict)  # normalization -> setting -> env -> scores
     aggregates: pd.DataFrame = None                 # every estimate (aggregates.csv)
@@ -87,13 +92,39 @@ class Report:
         return self.runs is not None and self.runs.engine.nunique() > 1
 
 
+def _at_defaults(variant: str, runs: pd.DataFrame, candidates: list[str]) -> list[str]:
+    """The settings of ``variant`` whose loss parameters all equal the variant's registered
+    defaults (``clip`` -> ``clip(clip_epsilon=0.2)``); empty when the variant is not loaded."""
+    from klppo_bench.variants import all_variants
+
+    registered = all_variants().get(variant)
+    if registered is None:
+        return []
+    defaults = registered.resolve({})
+    out = []
+    for setting in candidates:
+        params = parse_params(runs.loc[runs.setting == setting, "params"].iloc[0])
+        if all(str(defaults[k]) == v or as_float(defaults[k]) == as_float(v)
+               for k, v in params.items() if k in defaults):
+            out.append(setting)
+    return out
+
+
 def _resolve_baseline(requested: str, runs: pd.DataFrame, settings: list[str], notes: list):
+    """The setting named ``requested``; for a variant name with several settings, the one at
+    the variant's defaults (``clip`` means ``clip_epsilon=0.2``, whatever the sort order)."""
     if requested in settings:
         return requested
     candidates = sorted(runs.loc[runs.variant == requested, "setting"].unique())
     if len(candidates) > 1:
-        notes.append(f"Baseline `{requested}` has several settings ({', '.join(candidates)}); "
-                     f"using `{candidates[0]}`.")
+        default = _at_defaults(requested, runs, candidates)
+        if len(default) == 1:
+            notes.append(f"Baseline `{requested}`: `{default[0]}`, the setting at its defaults "
+                         f"(of {', '.join(candidates)}).")
+            return default[0]
+        notes.append(f"Baseline `{requested}` has several settings ({', '.join(candidates)}) "
+                     f"and {'none' if not default else 'more than one'} at its defaults; "
+                     f"using `{candidates[0]}` (choose one with `--baseline`).")
     if candidates:
         return candidates[0]
     notes.append(f"Baseline `{requested}` is not a setting of this experiment (settings: "
@@ -139,8 +170,14 @@ def _read_store(rep: Report) -> None:
         rep.notes.append("Every definition on disk is reported (`--all-definitions`): a setting "
                          "label suffixed `[key=value]` holds the runs of another definition than "
                          "the current one, with its values of the keys that differ.")
-    index = runs.assign(path=[str(rep.exp_dir / "runs" / r) for r in runs.run_id])
-    rep.metrics, bad = load_tables(index, "metrics", METRICS_REQUIRED)
+    runs = runs.assign(source=str(rep.exp_dir))
+    if rep.options.compare_to is not None:
+        from klppo_bench.report.compare import pool, pooled_notes
+
+        rep.pooled = pool(rep.options.compare_to, runs)
+        rep.notes += pooled_notes(rep.pooled)
+        runs = pd.concat([runs, rep.pooled.runs], ignore_index=True)
+    rep.metrics, bad = load_tables(runs, "metrics", METRICS_REQUIRED)
     rep.unreadable += bad
     readable = ~runs.run_id.isin({u.run_id for u in bad})
     if len(rep.unreadable):

@@ -192,28 +192,53 @@ def _sensitivity(rep: Report, parts: list) -> None:
         caption=f"dtarg x increment grid: mean {LABEL[n]}, 95% CIs")
 
 
+def _job_times(runs: pd.DataFrame) -> dict[str, np.ndarray]:
+    """``{env: seconds per run of each job}``: a job (the lanes trained together in one
+    process) is one measurement, its time shared evenly by its lanes (status.json ``seconds``
+    of each lane is already job time / lanes)."""
+    jobs = runs.groupby(["env", "job"], sort=True).wall_seconds.first()
+    return {env: jobs.loc[env].to_numpy(float) for env in jobs.index.get_level_values(0).unique()}
+
+
+def _wall_clock_row(setting: str, runs: pd.DataFrame, opts: ReportOptions) -> dict | None:
+    tasks = _job_times(runs)
+    if not tasks or not all(np.isfinite(a).all() for a in tasks.values()):
+        return None
+    jobs = int(sum(len(a) for a in tasks.values()))
+    if min(len(a) for a in tasks.values()) >= 2:
+        row = _estimate(setting, "all", "wall_seconds", tasks, _mean, opts)
+    else:  # one job on some task: a single measurement has no interval and ranks nothing
+        row = {"setting": setting, "env": "all", "metric": "wall_seconds",
+               "value": float(np.mean([a.mean() for a in tasks.values()])),
+               "ci_low": np.nan, "ci_high": np.nan, "n_tasks": len(tasks),
+               "runs_per_task": agg.describe_counts(tasks), "bootstrap": "none (one job)"}
+    return {**row, "n_runs": len(runs), "jobs": jobs,
+            "lanes_per_job": float(runs.groupby("job").job_lanes.first().mean())}
+
+
 def _wall_clock(rep: Report, parts: list) -> None:
-    """Mean wall-clock seconds per run (status.json), per engine and setting, tasks weighted
-    equally: runs of different engines are never pooled nor ranked against each other."""
+    """Wall-clock seconds per run, per engine and setting, with a job as the unit of
+    measurement (job time / lanes; tasks weighted equally). A CI is computed only where every
+    task has at least two jobs; runs of different engines are never pooled nor ranked."""
     cost = []
     for engine, runs in rep.runs.groupby("engine", sort=True):
         for s in rep.settings:
-            g = runs[runs.setting == s]
-            tasks = {env: e.wall_seconds.to_numpy(float) for env, e in g.groupby("env")}
-            if tasks and all(np.isfinite(a).all() for a in tasks.values()):
-                cost.append({**_estimate(s, "all", "wall_seconds", tasks, _mean, rep.options),
-                             "engine": engine})
+            row = _wall_clock_row(s, runs[runs.setting == s], rep.options)
+            if row is not None:
+                cost.append({**row, "engine": engine})
     rep.cost = pd.DataFrame(cost)
     if not len(rep.cost):
         return
     parts.append(_rows("wall_clock", "raw", rep.cost, rep.options))
     rep.tables["wall_clock"] = write_table(
         pd.DataFrame({"engine": rep.cost.engine, "setting": rep.cost.setting,
-                      "runs": rep.cost.n_runs.astype(int),
+                      "runs": rep.cost.n_runs.astype(int), "jobs": rep.cost.jobs.astype(int),
+                      "lanes per job": rep.cost.lanes_per_job.round(1),
                       WALL_CLOCK: [_ci(r) for _, r in rep.cost.iterrows()]}),
         rep.out / "tables" / "wall_clock", group="engine", best={WALL_CLOCK: "min"},
-        caption="Wall-clock time per run, mean over runs with 95% CIs, ranked within each "
-                "engine only")
+        caption="Wall-clock time per run: job time / lanes, one measurement per job (lanes "
+                "of a job share its time), mean over jobs with 95% CIs where every task has "
+                "at least two jobs; ranked within each engine only")
 
 
 def compute(rep: Report) -> None:

@@ -62,12 +62,13 @@ def _source_text(source: dict) -> tuple[str, str]:
 
 
 def variant_sources(exp_dir: Path, runs: pd.DataFrame) -> pd.DataFrame:
-    """One row per (variant, code hash) of the reported runs: kind, package/version or path,
+    """One row per (variant, code hash) of the reported runs (read from each run's ``path``,
+    so stored runs pooled by ``--compare-to`` are included): kind, package/version or path,
     the code hash, how many runs, and ``ran_with``: the code hashes the runs' processes loaded
     where they differ from the config's (the loss code changed while the sweep ran)."""
     rows = {}
     for r in runs.itertuples():
-        run = RunDir(exp_dir / "runs" / r.run_id)
+        run = RunDir(getattr(r, "path", None) or exp_dir / "runs" / r.run_id)
         try:
             code = run.config().get("code")
         except Exception:  # noqa: BLE001 -- read already; a race must not stop the report

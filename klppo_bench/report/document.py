@@ -3,6 +3,8 @@ tables and figures."""
 
 from __future__ import annotations
 
+import pandas as pd
+
 import sys
 from importlib import metadata
 
@@ -65,7 +67,11 @@ def _settings_table(rep) -> str:
              "|:---|:---|:---|:---|:---|---:|"]
     for s in rep.settings:
         g = runs[runs.setting == s]
-        per_env = ", ".join(f"{e}: {n}" for e, n in g.groupby("env").size().items())
+        stored = g.source != str(rep.exp_dir) if "source" in g else pd.Series(False, g.index)
+        per_env = ", ".join(
+            f"{e}: {len(x)}" + (f" ({int(stored[x.index].sum())} stored)"
+                                if stored[x.index].any() else "")
+            for e, x in g.groupby("env"))
         failed = int((rep.not_done.setting == s).sum()) if len(rep.not_done) else 0
         base = " (baseline)" if s == rep.baseline else ""
         lines.append(f"| `{s}`{base} | {g.variant.iloc[0]} | {rep.engines.get(s, '--')} | "
@@ -157,6 +163,26 @@ def _not_done(rep) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _stored_left_out(rep) -> str:
+    """Every stored run ``--compare-to`` left out, grouped by why."""
+    if not rep.pooled.left_out:
+        return "None: every stored run of a matching definition joined.\n"
+    by_why: dict[str, list] = {}
+    for run_id, env, setting, why in rep.pooled.left_out:
+        by_why.setdefault(why, []).append(f"{run_id} (`{setting}`, {env})")
+    lines = [f"{len(rep.pooled.left_out)} run(s) of `{rep.pooled.source}`:", ""]
+    for why, runs in by_why.items():
+        lines.append(f"- {why}: {len(runs)} run(s): " + ", ".join(runs))
+    return "\n".join(lines) + "\n"
+
+
+def _stored_versions(rep) -> str:
+    rows = ["| commit | versions | runs |", "|:---|:---|---:|"]
+    rows += [f"| {v.commit} | {v.versions} | {v.runs} |"
+             for v in rep.pooled.versions().itertuples()]
+    return "\n".join(rows) + "\n"
+
+
 def render(rep) -> str:
     opts = rep.options
     frames = sorted(rep.runs.frames.dropna().unique())
@@ -197,6 +223,10 @@ def render(rep) -> str:
             "## Runs not readable", "", _unreadable(rep)]
     if rep.definition == "manifest":
         out += ["## Runs of other definitions", "", _other_definitions(rep)]
+    if rep.pooled is not None:
+        out += [f"## Stored runs pooled from `{rep.pooled.source}`", "",
+                f"{len(rep.pooled.runs)} stored run(s) joined, by code version:", "",
+                _stored_versions(rep), "## Stored runs left out", "", _stored_left_out(rep)]
     out += ["## Aggregate (min-max normalized)", "", rep.tables["aggregate"]]
     if "table1" in rep.tables:
         out += ["## Average normalized score per setting (Table 1 style)", "", rep.tables["table1"]]

@@ -253,8 +253,29 @@ def sensitivity_lines(cells: pd.DataFrame, ylabel: str) -> plt.Figure:
     return fig
 
 
+def _mark_best_cells(ax, m: pd.DataFrame, cells: pd.DataFrame) -> None:
+    """Outline the best cell (solid, when its CI is disjoint from every other) or every cell
+    statistically tied for best (dashed: overlapping 95% CIs), as the tables mark them."""
+    from matplotlib.patches import Rectangle
+
+    from klppo_bench.report.tables import same_when_printed
+    from klppo_bench.stats.aggregate import best_and_tied
+
+    if not {"ci_low", "ci_high"} <= set(cells) or len(cells) < 2:
+        return
+    estimates = {(r.increment, r.dtarg): (r.value, r.ci_low, r.ci_high)
+                 for r in cells.itertuples()}
+    winner, tied = best_and_tied(estimates, "max", same_when_printed)
+    rows, cols = list(m.index), list(m.columns)
+    for inc, dtarg in [winner, *tied]:
+        ax.add_patch(Rectangle((cols.index(dtarg), rows.index(inc)), 1, 1, fill=False,
+                               edgecolor="white" if not tied else "black", linewidth=2.0,
+                               linestyle="-" if not tied else "--"))
+
+
 def sensitivity_heatmap(cells: pd.DataFrame, label: str) -> plt.Figure:
-    """The dtarg x increment grid as a heatmap of the mean final score."""
+    """The dtarg x increment grid as a heatmap of the mean final score; the best cell is
+    outlined solid, or every cell tied for best dashed (overlapping 95% CIs)."""
     m = cells.pivot(index="increment", columns="dtarg", values="value").sort_index(ascending=False)
     fig, ax = plt.subplots(figsize=(COLUMN_WIDTH, 0.45 * len(m) + 1.0))
     fmt = ".0f" if np.nanmax(np.abs(m.to_numpy())) >= 100 else ".2f"
@@ -265,6 +286,7 @@ def sensitivity_heatmap(cells: pd.DataFrame, label: str) -> plt.Figure:
     ax.set_xlabel("dtarg")
     ax.set_ylabel("increment")
     ax.grid(False)
+    _mark_best_cells(ax, m, cells)
     return fig
 
 
@@ -278,7 +300,8 @@ def wall_clock(cost: pd.DataFrame, styles: Mapping[str, Style]) -> plt.Figure:
     fig, ax = plt.subplots(figsize=(COLUMN_WIDTH, 0.25 * len(cost) + 0.7))
     y = np.arange(len(cost))[::-1]
     ax.barh(y, cost.value / scale, color=[styles[s].color for s in cost.setting], height=0.6,
-            xerr=[(cost.value - cost.ci_low) / scale, (cost.ci_high - cost.value) / scale],
+            xerr=np.nan_to_num([(cost.value - cost.ci_low) / scale,  # no CI (one job): no bar
+                                (cost.ci_high - cost.value) / scale]),
             error_kw={"linewidth": 0.8, "capsize": 2})
     ax.set_yticks(y)
     ax.set_yticklabels([s if e is None else f"{s} [{e}]"

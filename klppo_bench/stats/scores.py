@@ -28,7 +28,10 @@ from klppo_bench.store import RunDir, Unreadable, error_line, scan_runs
 
 RUN_COLUMNS = ["experiment", "env", "variant", "setting", "params", "seed", "run_id",
                "final_score", "final_score_episodes", "final_eval_return", "frames",
-               "frames_requested", "wall_seconds", "sps", "engine"]
+               "frames_requested", "wall_seconds", "sps", "engine", "job", "job_lanes", "commit",
+               "versions", "path"]
+VERSION_KEYS = ("klppo-bench", "torchrl", "torch", "gymnasium", "mujoco")
+"""Package versions named where stored runs of another code version are pooled."""
 UNRECORDED = "unrecorded"
 """``engine`` of a run whose status has no ``provenance.engine`` (written before it existed)."""
 
@@ -73,6 +76,23 @@ def _read_summary(path: Path) -> dict:
     return summary
 
 
+def _provenance_columns(status: dict, run_id: str) -> dict:
+    """``job`` (the first run id of the job that trained the run: runs of one batched job share
+    it), ``job_lanes`` (runs trained together in the run's job; 1 for a one-run job), ``commit``
+    (short git commit) and ``versions`` (``"klppo-bench 0.1.0, torchrl 0.14.1, ..."``)."""
+    prov = status.get("provenance") or {}
+    if not isinstance(prov, dict):
+        prov = {}
+    lanes = prov.get("batch_runs")
+    versions = prov.get("versions") if isinstance(prov.get("versions"), dict) else {}
+    commit = (prov.get("git") or {}).get("commit") if isinstance(prov.get("git"), dict) else None
+    job = min(map(str, lanes)) if isinstance(lanes, list) and lanes else run_id
+    return {"job": job, "job_lanes": len(lanes) if isinstance(lanes, list) and lanes else 1,
+            "commit": str(commit)[:12] if commit else UNRECORDED,
+            "versions": ", ".join(f"{k} {versions[k]}" for k in VERSION_KEYS if k in versions)
+            or UNRECORDED}
+
+
 def read_runs(exp_dir: Path | str) -> RunRecords:
     """Done runs, runs not done and unreadable runs of an experiment directory."""
     exp_dir = Path(exp_dir)
@@ -99,6 +119,8 @@ def read_runs(exp_dir: Path | str) -> RunRecords:
             "wall_seconds": as_float(status.get("seconds", summary.get("wall_seconds"))),
             "sps": as_float(summary.get("sps")),
             "engine": row.engine or UNRECORDED,
+            **_provenance_columns(status, row.run_id),
+            "path": str(row.path),
         })
     done = pd.DataFrame(rows, columns=RUN_COLUMNS).astype(
         {c: float for c in ("final_score", "final_eval_return", "wall_seconds", "sps")})
