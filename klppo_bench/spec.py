@@ -50,6 +50,7 @@ from klppo_bench.config import (
     set_section_value,
 )
 from klppo_bench.errors import ConfigError
+from klppo_bench.labels import setting_label
 from klppo_bench.loggers import parse_loggers
 from klppo_bench.variants import get_variant, load_plugins
 from klppo_bench.variants.registry import plugin_target
@@ -272,14 +273,6 @@ def load_spec(path: str | Path, envs: list[str] | None = None, seeds: int | None
                 checkpoint_every=checkpoint_every)
 
 
-def _fmt(value: Any) -> str:
-    if isinstance(value, float) and not value.is_integer() and float(f"{value:g}") == value:
-        return f"{value:g}"
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    return str(value).lower() if isinstance(value, bool) else str(value)
-
-
 def _grid_points(entry: dict, where: str) -> Iterator[tuple[dict, list[str]]]:
     """(loss overrides, grid axes) for each point of one variant entry's grid."""
     params = entry["params"]
@@ -307,8 +300,7 @@ def _planned_run(spec: Spec, i: int, env: str, seed: int, point: dict,
         if str(err).startswith(str(spec.path)):
             raise
         raise ConfigError(f"{spec.path}: {err}") from None
-    grid = ",".join(f"{k}={_fmt(cfg.loss[k])}" for k in axes)
-    return PlannedRun(cfg, (entry["label"] or entry["name"]) + (f"({grid})" if axes else ""))
+    return PlannedRun(cfg, setting_label(entry["label"] or entry["name"], cfg.loss, axes))
 
 
 def expand(spec: Spec) -> list[PlannedRun]:

@@ -12,6 +12,7 @@ from typing import Callable
 from klppo_bench.config import RunConfig, actual_frames
 from klppo_bench.harness.provenance import provenance
 from klppo_bench.harness.reference import train
+from klppo_bench.labels import run_setting
 from klppo_bench.store import RunDir
 from klppo_bench.variants.identity import variant_provenance
 
@@ -23,14 +24,15 @@ def execute_run(cfg: RunConfig, exp_dir: Path | str, progress: bool | None = Non
 
     A failure (divergence, exception) is recorded as ``failed`` with its reason; the
     exception is re-raised only when ``raise_errors``. ``on_iteration`` is passed to
-    :func:`train` (live progress for sweeps). Returns the run directory.
+    :func:`train` (live progress for sweeps). ``setting`` is the run's setting label (a
+    sweep's; default :func:`~klppo_bench.labels.run_setting`). Returns the run directory.
     """
     torch.set_num_threads(1)  # one thread per run: faster on a shared machine, and it fixes the bits
     run = RunDir(Path(exp_dir) / "runs" / cfg.run_id())
     # where the variant came from and its code hash, as this process loaded it
     prov = dict(provenance(cfg.device), engine="reference",
                 variant=variant_provenance(cfg.variant, cfg.plugins))
-    run.start(cfg.to_dict(), setting=setting, provenance=prov)
+    run.start(cfg.to_dict(), setting=setting or run_setting(cfg), provenance=prov)
     t0 = time.time()
     total = actual_frames(cfg)
 

@@ -32,11 +32,13 @@ import math
 import os
 import random
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from klppo_bench.errors import ConfigError
+from klppo_bench.labels import run_setting
+from klppo_bench.loggers.clients import _FACTORIES, _Start, _mlflow_experiment_id
+from klppo_bench.loggers.target import LogTarget, RunLabel, mlflow_tracking_uri
 
 LOGGERS = ("csv", "tensorboard", "wandb", "mlflow")
 LOGGER_CHOICES = LOGGERS + ("none",)
@@ -46,7 +48,6 @@ _CLIENTS = {"tensorboard": ("tensorboard",), "wandb": ("wandb",), "mlflow": ("ml
 _MLFLOW_LOCAL_STORE = ("sqlalchemy", "alembic")
 """What MLflow's default local store (SQLite) needs beyond mlflow-skinny."""
 _STEP = "frames"
-_W_AND_B_TAG_LEN = 64
 
 
 def parse_loggers(raw: Any, where: str) -> tuple[str, ...]:
@@ -83,41 +84,6 @@ def check_clients(names: Iterable[str], where: str = "--logger") -> None:
                               "needs nothing")
 
 
-@dataclass(frozen=True)
-class LogTarget:
-    """Which loggers a run streams to and where: beside the run config, never in it."""
-
-    loggers: tuple[str, ...]
-    """Names from :data:`LOGGERS`."""
-    log_dir: str
-    """Absolute directory the file-based loggers (and W&B's and MLflow's local files) use."""
-    experiment: str
-    """The experiment's name: W&B project, MLflow experiment, first part of every name."""
-
-    def to_dict(self) -> dict:
-        return {"loggers": list(self.loggers), "log_dir": self.log_dir,
-                "experiment": self.experiment}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "LogTarget":
-        return cls(tuple(d["loggers"]), d["log_dir"], d["experiment"])
-
-    def describe(self) -> str:
-        """One line: which loggers write where."""
-        where = []
-        for name in self.loggers:
-            if name == "mlflow":
-                where.append(f"mlflow -> {mlflow_tracking_uri(self.log_dir)}")
-            elif name == "wandb":
-                project = os.environ.get("WANDB_PROJECT") or self.experiment
-                mode = os.environ.get("WANDB_MODE") or "online"
-                where.append(f"wandb -> project {project} ({mode}, files in "
-                             f"{Path(self.log_dir) / 'wandb'})")
-            else:
-                where.append(f"{name} -> {Path(self.log_dir) / name}")
-        return "loggers: " + "; ".join(where)
-
-
 def log_target(names: Iterable[str], log_dir: str | Path | None, exp_dir: str | Path,
                experiment: str, where: str = "--logger") -> LogTarget | None:
     """A checked :class:`LogTarget` (``None`` without loggers); ``log_dir`` defaults to
@@ -132,52 +98,6 @@ def log_target(names: Iterable[str], log_dir: str | Path | None, exp_dir: str | 
     check_clients(names, where)
     directory = Path(log_dir) if log_dir else Path(exp_dir) / "logs"
     return LogTarget(names, str(directory.resolve()), experiment)
-
-
-@dataclass(frozen=True)
-class RunLabel:
-    """What names a run in every logger: experiment, env, setting, seed and run id."""
-
-    experiment: str
-    env: str
-    setting: str
-    seed: int
-    run_id: str
-
-    @property
-    def path(self) -> str:
-        """``<setting>/<env>/seed<k>-<run_id>``: seeds of one setting sit side by side."""
-        safe = [p.replace("/", "_").replace(os.sep, "_") for p in (self.setting, self.env)]
-        return f"{safe[0]}/{safe[1]}/seed{self.seed}-{self.run_id}"
-
-    @property
-    def name(self) -> str:
-        return f"{self.experiment}/{self.path}"
-
-    def tags(self) -> dict[str, str]:
-        return {"experiment": self.experiment, "env": self.env, "setting": self.setting,
-                "seed": str(self.seed), "run_id": self.run_id}
-
-
-def run_setting(cfg) -> str:
-    """A ``run`` command's setting label: the variant and the loss parameters it changed,
-    as a sweep labels its grid points (``klpen-adaptive(dtarg=0.03)``)."""
-    from klppo_bench.spec import _fmt  # a sweep's formatting of grid values
-    from klppo_bench.variants import get_variant
-
-    defaults = get_variant(cfg.variant).resolve({}, "--set")
-    changed = [f"{k}={_fmt(v)}" for k, v in cfg.loss.items() if defaults.get(k) != v]
-    return cfg.variant + (f"({','.join(changed)})" if changed else "")
-
-
-def _flat_config(cfg_dict: dict, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for key, value in cfg_dict.items():
-        if isinstance(value, dict):
-            out.update(_flat_config(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value if not isinstance(value, (list, tuple)) else str(value)
-    return out
 
 
 @contextlib.contextmanager
@@ -208,10 +128,6 @@ def scalars(row: dict) -> dict[str, float]:
             continue
         out[key] = float(value)
     return out
-
-
-from klppo_bench.loggers.clients import (  # noqa: E402 -- needs the names above
-    _FACTORIES, _Start, _mlflow_experiment_id, mlflow_tracking_uri)
 
 
 def prepare(target: LogTarget | None) -> None:

@@ -1,7 +1,7 @@
 """One torchrl logger per kind (csv, tensorboard, wandb, mlflow) for one run.
 
-Each factory takes the sweep's :class:`~klppo_bench.loggers.LogTarget`, the run's
-:class:`~klppo_bench.loggers.RunLabel`, its config and where its logging starts, and returns a
+Each factory takes the sweep's :class:`~.target.LogTarget`, the run's
+:class:`~.target.RunLabel`, its config and where its logging starts, and returns a
 started torchrl logger. Split from :mod:`klppo_bench.loggers` (what is logged, when, and the
 command-line side) so each module reads in one go.
 """
@@ -16,7 +16,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from klppo_bench.loggers import LogTarget, RunLabel, _W_AND_B_TAG_LEN, _flat_config
+from klppo_bench.loggers.target import LogTarget, RunLabel, flat_config, mlflow_tracking_uri
+
+_W_AND_B_TAG_LEN = 64
 
 
 @dataclass(frozen=True)
@@ -46,7 +48,7 @@ def _csv(target: LogTarget, label: RunLabel, config: dict, start: _Start):
                 if re.fullmatch(r"\d+,.+", line) and int(line.split(",")[0]) < start.step]
         csv.write_text("".join(line + "\n" for line in kept))
     logger = CSVLogger(exp_name=label.path, log_dir=str(root))
-    logger.log_hparams({**label.tags(), **_flat_config(config)})
+    logger.log_hparams({**label.tags(), **flat_config(config)})
     return logger
 
 
@@ -77,7 +79,7 @@ def _tensorboard(target: LogTarget, label: RunLabel, config: dict, start: _Start
     logger = _tensorboard_logger_class()(label.path, str(root),
                                          purge_step=start.step if start.resumed else None)
     table = "\n".join(f"| {k} | {v} |" for k, v in {**label.tags(),
-                                                     **_flat_config(config)}.items())
+                                                     **flat_config(config)}.items())
     logger.experiment.add_text("run", "| key | value |\n|---|---|\n" + table,
                                global_step=start.step)
     return logger
@@ -93,12 +95,6 @@ def _wandb(target: LogTarget, label: RunLabel, config: dict, start: _Start):
                        config={**label.tags(), "seed": label.seed, "config": config},
                        reinit="create_new",  # a batched job holds several runs at once
                        log_env_packages=False)
-
-
-def mlflow_tracking_uri(log_dir: str) -> str:
-    """``$MLFLOW_TRACKING_URI``, else a SQLite store in ``<log_dir>/mlflow/mlflow.db``."""
-    return (os.environ.get("MLFLOW_TRACKING_URI")
-            or f"sqlite:///{Path(log_dir) / 'mlflow' / 'mlflow.db'}")
 
 
 def _mlflow_experiment_id(target: LogTarget) -> str:
@@ -181,7 +177,7 @@ def _mlflow_logger_class():
 
 def _mlflow(target: LogTarget, label: RunLabel, config: dict, start: _Start):
     logger = _mlflow_logger_class()(target, label)
-    logger.log_hparams(_flat_config(config))
+    logger.log_hparams(flat_config(config))
     return logger
 
 
