@@ -1,6 +1,6 @@
 """Stepping ``N`` gymnasium environments together for the seed-batched engine.
 
-Two steppers share one small interface (:class:`GymStepper`, :class:`MujocoLocomotionStepper`):
+Two steppers share one small interface (:class:`GymStepper`, :class:`MujocoStepper`):
 ``reset(seeds)`` / ``step(action)`` on float64 observations, with gymnasium's same-step
 autoreset (a sub-env whose episode ended is reset at once; its terminal observation is returned
 beside the reset one).
@@ -8,7 +8,7 @@ beside the reset one).
 Why a second stepper. Measured on this 2-core machine (Hopper-v5, seed-batched engine with
 S=5, cProfile): about two thirds of the time went to gymnasium's per-sub-env Python step
 (``HopperEnv.step``, ``is_healthy``, ``state_vector``, the wrappers, ``SyncVectorEnv._add_info``)
-and only about a fifth to MuJoCo's ``mj_step``. :class:`MujocoLocomotionStepper` keeps
+and only about a fifth to MuJoCo's ``mj_step``. :class:`MujocoStepper` keeps
 gymnasium's own environments -- their MuJoCo model and data, their seeded ``reset`` (so the
 initial-state noise is gymnasium's, drawn from gymnasium's generator) -- and replaces only the
 per-step Python: it sets ``ctrl``, calls ``mujoco.mj_step`` for each sub-env, and computes the
@@ -16,9 +16,10 @@ observation, reward, termination and time limit of all sub-envs at once in numpy
 operations in the same order as gymnasium's ``step`` (so values are bit-identical; the tests
 step both side by side). ``benchmarks/batched.py`` measures the gain (README, "Speed").
 
-Supported: the v5 locomotion tasks whose ``step`` is ``do_simulation`` plus a reward of forward
-velocity, healthy bonus and control cost (Hopper, Walker2d, HalfCheetah), made by plain
-``gym.make(id)``. Every other id steps through gymnasium's ``SyncVectorEnv``.
+Supported: the v5 tasks of :mod:`klppo_bench.harness.mujoco_tasks` (Hopper, Walker2d,
+HalfCheetah, Swimmer, InvertedPendulum, InvertedDoublePendulum, Reacher: the PPO paper's seven),
+made by plain ``gym.make(id)``; the shared half of the step is here, each task's observation,
+reward and termination there. Every other id steps through gymnasium's ``SyncVectorEnv``.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ import warnings
 from typing import Protocol
 
 import numpy as np
+
+from klppo_bench.harness.mujoco_tasks import CLASS_NAMES, SubEnv, task_class
 
 
 def make_sub_env(env_id: str):
@@ -91,40 +94,30 @@ class GymStepper:
         self.venv.close()
 
 
-# gymnasium class name -> how its v5 ``step`` computes observation, reward and termination
-_LOCOMOTION = {
-    # HopperEnv: healthy = state in range (qpos[2:], qvel), z and angle in range
-    "HopperEnv": dict(clip_qvel=True, healthy=True, state_range=True),
-    # Walker2dEnv: healthy = z and angle in range
-    "Walker2dEnv": dict(clip_qvel=True, healthy=True, state_range=False),
-    # HalfCheetahEnv: never terminates, no healthy bonus, qvel unclipped
-    "HalfCheetahEnv": dict(clip_qvel=False, healthy=False, state_range=False),
-}
-
-
 @functools.lru_cache(maxsize=None)
 def fast_stepper_reason(env_id: str) -> str | None:
-    """``None`` if :class:`MujocoLocomotionStepper` reproduces ``env_id``, else why not."""
+    """``None`` if :class:`MujocoStepper` reproduces ``env_id``, else why not."""
     import gymnasium as gym
 
     if not gym.__version__.startswith("1."):
-        # the step math below is gymnasium 1.x's; tests/test_vector_step.py checks it
+        # the step math of mujoco_tasks is gymnasium 1.x's; tests/test_vector_step.py checks it
         return f"gymnasium {gym.__version__}: the direct stepper reproduces gymnasium 1.x"
     try:
         spec = gym.spec(env_id)
     except Exception as e:  # noqa: BLE001 - unknown ids are gymnasium's to report
         return f"{env_id}: {e}"
     if spec.version != 5 or spec.kwargs:
-        return f"{env_id}: only v5 locomotion ids made without kwargs are reproduced"
+        return f"{env_id}: only v5 MuJoCo ids made without kwargs are reproduced"
     env = make_sub_env(env_id)
     try:
         base = env.unwrapped
-        name = type(base).__name__
-        if name not in _LOCOMOTION or type(base).__module__.split(".")[-1] not in (
-                "hopper_v5", "walker2d_v5", "half_cheetah_v5"):
-            return f"{env_id}: {name} is not one of {sorted(_LOCOMOTION)} (v5)"
-        if getattr(base, "_exclude_current_positions_from_observation", False) is not True:
-            return f"{env_id}: observation includes the x position"
+        task = task_class(base)
+        if task is None:
+            return (f"{env_id}: {type(base).__name__} is not one of "
+                    f"{sorted(CLASS_NAMES.values())} (v5)")
+        why = task.unsupported(base)
+        if why is not None:
+            return f"{env_id}: {why}"
         if spec.max_episode_steps is None:
             return f"{env_id}: no time limit"
         return None
@@ -132,17 +125,16 @@ def fast_stepper_reason(env_id: str) -> str | None:
         env.close()
 
 
-class MujocoLocomotionStepper:
-    """Gymnasium's v5 Hopper / Walker2d / HalfCheetah, stepped without its per-step Python.
+class MujocoStepper:
+    """Gymnasium's v5 MuJoCo tasks (:data:`~klppo_bench.harness.mujoco_tasks.TASKS`), stepped
+    without gymnasium's per-step Python.
 
     The sub-envs are gymnasium's own (``ClipAction(gym.make(id))``); resets go through them
     unchanged. A step does, for all sub-envs at once, what ``ClipAction``, ``TimeLimit`` and the
     env's ``step`` do: clip the action to the box, ``data.ctrl[:] = action``,
     ``mj_step(model, data, nstep=frame_skip)``, ``mj_rnePostConstraint`` (as gymnasium's
-    ``_step_mujoco_simulation``), then observation ``[qpos[1:], clip(qvel, -10, 10)]``, reward
-    ``(w_fwd * dx / dt + healthy_bonus) - w_ctrl * sum(action**2)`` (float32 control cost, as
-    gymnasium computes it from the float32 action), terminated ``= not healthy``, truncated at
-    ``max_episode_steps``.
+    ``_step_mujoco_simulation``), then the task's observation, reward and termination
+    (:mod:`klppo_bench.harness.mujoco_tasks`), truncated at ``max_episode_steps``.
     """
 
     name = "mujoco-direct"
@@ -158,45 +150,20 @@ class MujocoLocomotionStepper:
         self.num_envs = num_envs
         self.envs = [make_sub_env(env_id) for _ in range(num_envs)]
         base = self.envs[0].unwrapped
-        self.kind = _LOCOMOTION[type(base).__name__]
+        self.task = task_class(base)(base)
         self.models = [e.unwrapped.model for e in self.envs]
         self.datas = [e.unwrapped.data for e in self.envs]
-        # numpy views of each sub-env's ctrl / qpos / qvel, made once (the buffers live as long
-        # as the MjData; resets write into them in place)
-        self._views = [(m, d, d.ctrl, d.qpos, d.qvel) for m, d in zip(self.models, self.datas)]
+        self._subs = [SubEnv(m, d, d.ctrl, d.qpos, d.qvel)
+                      for m, d in zip(self.models, self.datas)]
         self.frame_skip = base.frame_skip
-        self.dt = base.dt
-        self.nq = base.model.nq
         # ClipAction clips to the wrapped env's box (its own space is unbounded)
         self.low, self.high = base.action_space.low, base.action_space.high
         self.obs_dim = base.observation_space.shape[0]
         self.action_dim = base.action_space.shape[0]
         self.max_steps = gym.spec(env_id).max_episode_steps
-        self.w_fwd = base._forward_reward_weight
-        self.w_ctrl = base._ctrl_cost_weight
-        if self.kind["healthy"]:
-            self.healthy_reward = base._healthy_reward
-            self.terminate = base._terminate_when_unhealthy
-            self.z_range = base._healthy_z_range
-            self.angle_range = base._healthy_angle_range
-            self.state_range = base._healthy_state_range if self.kind["state_range"] else None
         self.elapsed = np.zeros(num_envs, dtype=np.int64)
-        self.qpos = np.zeros((num_envs, self.nq))
+        self.qpos = np.zeros((num_envs, base.model.nq))
         self.qvel = np.zeros((num_envs, base.model.nv))
-
-    def _obs(self, qpos: np.ndarray, qvel: np.ndarray) -> np.ndarray:
-        vel = np.clip(qvel, -10, 10) if self.kind["clip_qvel"] else qvel
-        return np.concatenate((qpos[:, 1:], vel), axis=1)
-
-    def _healthy(self, qpos: np.ndarray, qvel: np.ndarray) -> np.ndarray:
-        z, angle = qpos[:, 1], qpos[:, 2]
-        ok = (self.z_range[0] < z) & (z < self.z_range[1])
-        ok &= (self.angle_range[0] < angle) & (angle < self.angle_range[1])
-        if self.state_range is not None:  # state_vector()[2:] = qpos[2:], qvel in the range
-            lo, hi = self.state_range
-            qp, qv = qpos[:, 2:], qvel
-            ok &= ((lo < qp) & (qp < hi)).all(1) & ((lo < qv) & (qv < hi)).all(1)
-        return ok
 
     def reset(self, seeds: list[int] | None = None) -> np.ndarray:
         return np.stack([self.reset_one(i, None if seeds is None else seeds[i])
@@ -214,26 +181,16 @@ class MujocoLocomotionStepper:
         idx = np.arange(self.num_envs) if active is None else np.asarray(active)
         action = np.clip(action, self.low, self.high)  # ClipAction (float32 box)
         qpos, qvel = self.qpos[: len(idx)], self.qvel[: len(idx)]
-        views = self._views if active is None else [self._views[i] for i in idx]
-        x_before = np.array([v[3][0] for v in views])
+        subs = self._subs if active is None else [self._subs[i] for i in idx]
+        before = self.task.before(subs)
         step, post, n = self._mj_step, self._mj_post, self.frame_skip
-        for row, (m, d, ctrl, qp, qv) in enumerate(views):
+        for row, (m, d, ctrl, qp, qv) in enumerate(subs):
             ctrl[:] = action[row]
             step(m, d, n)
             post(m, d)
             qpos[row] = qp
             qvel[row] = qv
-        x_velocity = (qpos[:, 0] - x_before) / self.dt
-        obs = self._obs(qpos, qvel)
-        ctrl_cost = self.w_ctrl * np.sum(np.square(action), axis=1)
-        forward = self.w_fwd * x_velocity
-        if self.kind["healthy"]:
-            healthy = self._healthy(qpos, qvel)
-            reward = (forward + healthy * self.healthy_reward) - ctrl_cost
-            term = ~healthy if self.terminate else np.zeros(len(idx), dtype=bool)
-        else:
-            reward = forward - ctrl_cost
-            term = np.zeros(len(idx), dtype=bool)
+        obs, reward, term = self.task.outcome(subs, qpos, qvel, action, before)
         self.elapsed[idx] += 1
         trunc = self.elapsed[idx] >= self.max_steps
         final = {}
@@ -249,17 +206,17 @@ class MujocoLocomotionStepper:
 
 
 def use_fast_stepper(env_id: str, fast: bool = True) -> bool:
-    """Whether ``env_id`` steps through :class:`MujocoLocomotionStepper` (if ``fast``)."""
+    """Whether ``env_id`` steps through :class:`MujocoStepper` (if ``fast``)."""
     return fast and fast_stepper_reason(env_id) is None
 
 
 def stepper_name(env_id: str, fast: bool = True) -> str:
     """Which stepper :func:`make_stepper` picks for ``env_id`` (recorded in provenance)."""
-    return MujocoLocomotionStepper.name if use_fast_stepper(env_id, fast) else GymStepper.name
+    return MujocoStepper.name if use_fast_stepper(env_id, fast) else GymStepper.name
 
 
 def make_stepper(env_id: str, num_envs: int, fast: bool = True) -> Stepper:
     """The fast stepper where it reproduces ``env_id`` (and ``fast``), else gymnasium's."""
     if use_fast_stepper(env_id, fast):
-        return MujocoLocomotionStepper(env_id, num_envs)
+        return MujocoStepper(env_id, num_envs)
     return GymStepper(env_id, num_envs)

@@ -3,9 +3,9 @@
 One stepper (:mod:`klppo_bench.harness.vector_step`) holds all ``S x num_envs`` sub-envs
 (seed-major: sub-env ``s * num_envs + i`` belongs to seed ``s``), each
 ``ClipAction(gym.make(env_id))`` as in :func:`klppo_bench.harness.env.make_env`: gymnasium's
-``SyncVectorEnv`` for any id, or, for the v5 locomotion tasks, the bit-identical
-:class:`~klppo_bench.harness.vector_step.MujocoLocomotionStepper`, which skips gymnasium's
-per-step Python. The sub-envs are stepped directly rather than through torchrl's ``GymWrapper``:
+``SyncVectorEnv`` for any id, or, for the v5 MuJoCo tasks it reproduces, the bit-identical
+:class:`~klppo_bench.harness.vector_step.MujocoStepper`, which skips gymnasium's per-step
+Python. The sub-envs are stepped directly rather than through torchrl's ``GymWrapper``:
 on this machine (Hopper-v5, one core, quiet) the wrapper with the harness's transforms rolls out
 at ~0.15x raw ``env.step`` (``benchmarks/throughput.py``: ``torchrl env`` vs ``raw gymnasium``,
 1,458 vs 10,003 steps/s on 2026-11-25), while the vector env costs about the same as a plain
@@ -30,8 +30,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from klppo_bench.harness.vector_step import (MujocoLocomotionStepper, make_stepper,
-                                              make_sub_env, use_fast_stepper)
+from klppo_bench.harness.vector_step import (MujocoStepper, make_stepper, make_sub_env,
+                                              use_fast_stepper)
 
 
 class ObsNorm:
@@ -151,14 +151,14 @@ class BatchedEvaluator:
     """One evaluation env per seed (seeded ``seed + offset`` once, then reset without a seed,
     like the reference's ``eval_env``), run in lockstep with one batched policy call.
 
-    The v5 locomotion tasks step through :class:`MujocoLocomotionStepper` (bit-identical,
+    The v5 MuJoCo tasks it reproduces step through :class:`MujocoStepper` (bit-identical,
     cheaper), every other id through its gymnasium env."""
 
     def __init__(self, env_id: str, seeds: list[int], offset: int, obs_clip: float,
                  obs_norm: bool, fast: bool = True):
         self.fast = use_fast_stepper(env_id, fast)
         if self.fast:
-            self.stepper = MujocoLocomotionStepper(env_id, len(seeds))
+            self.stepper = MujocoStepper(env_id, len(seeds))
             for i, seed in enumerate(seeds):
                 self.stepper.reset_one(i, seed + offset)
         else:
