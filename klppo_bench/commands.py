@@ -23,8 +23,9 @@ def variants_command(args) -> int:
     if args.params:
         for name, v in all_variants().items():
             print(f"\n{name}:")
-            for key, p in v.params.items():
-                print(f"  {key} = {p.default!r}  ({p.allowed()})  {p.doc}")
+            for key, p in v.params.items():  # [common] or [variant]: Variant.param_origin
+                print(f"  {key} = {p.default!r}  ({p.allowed()})  [{v.param_origin(key)}]  "
+                      f"{p.doc}")
             for key, value in v.pinned.items():
                 print(f"  {key} = {value!r}  (pinned)")
     return 0

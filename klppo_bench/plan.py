@@ -27,13 +27,16 @@ def choose_engine(cfg: RunConfig, requested: str = "auto", where: str = "") -> t
     engine under ``auto``, why (one line naming the variant and what blocks batching).
 
     Raises:
-        ConfigError: ``requested`` is not an engine, or ``batched`` for a config the batched
-            engine cannot run.
+        ConfigError: ``requested`` is not an engine, ``batched`` for a config the batched
+            engine cannot run, or a loss that ``cfg``'s parameters fail to build
+            (:mod:`klppo_bench.loss_check`: not a reason to fall back to the reference engine).
     """
     from klppo_bench.harness.batched import batch_unsupported_reason
+    from klppo_bench.loss_check import check_loss
 
     if requested not in ENGINES:
         raise ConfigError(f"--engine {requested!r}: allowed: {', '.join(ENGINES)}")
+    check_loss(cfg, where)
     if requested == "reference":
         return "reference", None
     reason = batch_unsupported_reason(cfg)

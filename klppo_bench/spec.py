@@ -307,8 +307,11 @@ def expand(spec: Spec) -> list[PlannedRun]:
     """Every run of ``spec``, validated, in execution order (seed-major).
 
     Raises:
-        ConfigError: a bad value in any grid point, or two different runs sharing a setting.
+        ConfigError: a bad value in any grid point, two different runs sharing a setting, or
+            a setting whose loss its parameters fail to build (:mod:`klppo_bench.loss_check`).
     """
+    from klppo_bench.loss_check import check_loss
+
     runs: list[PlannedRun] = []
     owner: dict[tuple, int] = {}  # (env, setting, seed) -> variant entry
     ids: set[str] = set()
@@ -318,6 +321,7 @@ def expand(spec: Spec) -> list[PlannedRun]:
                 where = f"{spec.path}: variants[{i}]"
                 for point, axes in _grid_points(entry, where):
                     run = _planned_run(spec, i, env, seed, point, axes)
+                    check_loss(run.config, where=f"{where}: ")  # once per setting
                     key = (env, run.setting, seed)
                     if run.run_id in ids:
                         raise ConfigError(f"{where}: run {run.run_id} ({run.setting}) is "

@@ -190,3 +190,26 @@ def test_plugin_errors_point_at_the_plugins_own_line(tmp_path, capsys, fresh_reg
         "--plugin no_such_plugin_module: cannot import it (ModuleNotFoundError: No module named "
         "'no_such_plugin_module'); allowed: a .py file or an importable module that calls "
         "register()")
+
+
+def test_the_registry_and_the_builtins_do_not_import_each_other():
+    import ast
+    from pathlib import Path
+
+    import klppo_bench.variants as pkg
+
+    def imported(name: str) -> set[str]:
+        tree = ast.parse((Path(pkg.__file__).parent / f"{name}.py").read_text())
+        mods = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                mods.add(node.module or "")
+                mods.update(f"{node.module}.{a.name}" for a in node.names)
+            elif isinstance(node, ast.Import):
+                mods.update(a.name for a in node.names)
+        return mods
+
+    assert "klppo_bench.variants.registry" not in imported("builtin")
+    assert "klppo_bench.variants.builtin" in imported("registry")  # one direction only
+    for module in ("variant", "common", "params", "outputs", "torchrl_parts"):
+        assert not {m for m in imported(module) if m.startswith("klppo_bench.variants.registry")}

@@ -260,3 +260,43 @@ def test_user_variant_registers_without_forking():
     if "test-clip-0.1" not in all_variants():
         register(v)
     assert get_variant("test-clip-0.1").resolve()["clip_epsilon"] == 0.1
+
+
+def test_a_variant_with_only_its_own_parameter_trains_with_clips_common_values():
+    """Registered without COMMON, a variant still gets the harness's setup (no entropy bonus,
+    squared-error value loss, advantage normalization, ...), not torchrl's defaults."""
+    own = Variant(name="own-param-only", loss_class=ClipPPOLoss, description="user variant",
+                  kl_estimator="none", beta_rule="none",
+                  params={"clip_epsilon": Param(0.1, float, "eps", low=0.0, low_open=True)})
+    clip = get_variant("clip")
+    resolved, clip_resolved = own.resolve(), clip.resolve()
+    assert set(resolved) == set(clip_resolved)
+    assert {k: v for k, v in resolved.items() if k != "clip_epsilon"} == \
+        {k: v for k, v in clip_resolved.items() if k != "clip_epsilon"}
+    assert own.resolve({"entropy_coef": 0.01})["entropy_coeff"] == 0.01  # common aliases too
+    models = build_models(OBS, ACT, ModelConfig(), own.distribution_class)
+    loss = own.build_loss(models.loss_actor, models.loss_critic, resolved)
+    assert (loss.entropy_bonus, loss.loss_critic_type, loss.normalize_advantage) == (False, "l2",
+                                                                                    True)
+    assert float(loss.critic_coeff) == 1.0 and float(loss.entropy_coeff) == 0.0
+    assert own.param_origin("clip_epsilon") == "variant"
+    assert own.param_origin("entropy_bonus") == "common"
+    assert clip.param_origin("loss_critic_type") == "common"
+    # an explicit override wins and says so; common={} opts out (a non-PPOLoss loss class)
+    smooth = Variant(name="x", loss_class=ClipPPOLoss, description="", kl_estimator="none",
+                     beta_rule="none", params={"loss_critic_type": Param(
+                         "smooth_l1", str, "value loss", choices=("l2", "smooth_l1"))})
+    assert smooth.resolve()["loss_critic_type"] == "smooth_l1"
+    assert smooth.param_origin("loss_critic_type") == "variant, common default 'l2'"
+    bare = Variant(name="y", loss_class=ClipPPOLoss, description="", kl_estimator="none",
+                   beta_rule="none", params={}, common={})
+    assert bare.resolve() == {} and bare.aliases == {}
+
+
+def test_variants_params_says_where_each_value_comes_from(capsys):
+    from klppo_bench.cli import main
+
+    assert main(["variants", "--params"]) == 0
+    out = capsys.readouterr().out
+    assert "  clip_epsilon = 0.2  (float > 0.0 and < 1.0)  [variant]  clip range epsilon" in out
+    assert "  entropy_bonus = False  (true or false)  [common]  add an entropy bonus" in out

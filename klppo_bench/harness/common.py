@@ -16,6 +16,7 @@ import pandas as pd
 import torch
 
 from klppo_bench.config import RunConfig
+from klppo_bench.variants.outputs import EXTRA_PREFIX
 
 EVAL_SEED_OFFSET = 1_000_003
 
@@ -79,7 +80,9 @@ def iteration_row(it: int, frames: int, new_frames: int, episodes: list[tuple],
     """One iteration's metrics row, identical in both engines (the store's schema).
 
     ``episodes`` holds (frames at end, return, length) of every training episode so far;
-    ``losses`` the iteration's mean of each loss output (a key the loss lacks is NaN).
+    ``losses`` the iteration's mean of each loss output (a key the loss lacks is NaN), by
+    metrics column; a loss module's extra outputs (``extra/<key>``,
+    :mod:`klppo_bench.variants.outputs`) follow the fixed columns.
     """
     finished = [e for e in episodes if e[0] > frames - new_frames]
     nan = math.nan
@@ -106,6 +109,7 @@ def iteration_row(it: int, frames: int, new_frames: int, episodes: list[tuple],
         "wall_seconds": wall_seconds,
         "sps": frames / wall_seconds,
         "eval_return": nan,
+        **{k: v for k, v in losses.items() if k.startswith(EXTRA_PREFIX)},
     }
 
 

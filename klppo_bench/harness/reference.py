@@ -28,6 +28,7 @@ from klppo_bench.harness.env import make_env, sync_obs_stats
 from klppo_bench.harness.models import build_models
 from klppo_bench.variants import get_variant, load_plugins
 from klppo_bench.variants.distributions import joint_normal_kl
+from klppo_bench.variants.outputs import recorded_columns
 
 
 def seed_everything(seed: int) -> None:
@@ -153,10 +154,8 @@ def train(cfg: RunConfig, progress: bool | None = None,
                             f"non-finite gradient at iteration {it} (frames {frames})"
                         )
                     optim.step()
-                    for key in ("loss_objective", "loss_critic", "kl", "kl_approx",
-                                "clip_fraction", "explained_variance"):
-                        if key in out.keys():
-                            stats.setdefault(key, []).append(float(out[key].detach().mean()))
+                    for key, column in recorded_columns(out).items():  # extras: extra/<key>
+                        stats.setdefault(column, []).append(float(out[key].detach().mean()))
                     stats.setdefault("grad_norm", []).append(float(grad_norm))
             with torch.no_grad():
                 td = flat.select("observation").clone()

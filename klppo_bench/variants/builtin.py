@@ -4,26 +4,26 @@ Defaults follow the PPO paper's MuJoCo setup (no entropy bonus, squared-error cr
 not torchrl's (entropy bonus 0.01, smooth-l1 critic loss); README lists every deviation.
 Ranges are the ones torchrl enforces (``increment >= 1``, ``decrement <= 1``) plus the ones
 that make the math meaningful (``dtarg > 0``, ``samples_mc_kl >= 1``).
+
+This module only defines them (:data:`BUILTINS`); the registry registers them on first use.
+Every built-in lists :data:`COMMON` explicitly, as it did before every variant got the common
+parameters by default, so their definitions (and run ids) are unchanged.
 """
 
 from __future__ import annotations
 
 from torchrl.objectives import ClipPPOLoss, KLPENPPOLoss, PPOLoss
 
+from klppo_bench.variants.common import ALIASES, COMMON
 from klppo_bench.variants.distributions import JointNormal, JointNormalMC
-from klppo_bench.variants.registry import Param, Variant, make_source, register, registering_from
+from klppo_bench.variants.params import Param
+from klppo_bench.variants.variant import Variant
 
-COMMON = {
-    "entropy_bonus": Param(False, bool, "add an entropy bonus (the paper uses none on MuJoCo)"),
-    "samples_mc_entropy": Param(1, int, "samples for a Monte-Carlo entropy estimate", low=1),
-    "entropy_coeff": Param(0.0, float, "entropy bonus coefficient", low=0.0),
-    "critic_coeff": Param(1.0, float, "value-loss coefficient c1", low=0.0),
-    "loss_critic_type": Param("l2", str, "value loss", choices=("l1", "l2", "smooth_l1")),
-    "normalize_advantage": Param(True, bool, "standardize advantages per minibatch"),
-    "separate_losses": Param(False, bool, "shared parameters trained by the policy loss only"),
-}
-ALIASES = {"entropy_coef": "entropy_coeff", "critic_coef": "critic_coeff"}
+__all__ = ["ADAPTIVE", "ALIASES", "BUILTINS", "CLIP_EPSILON", "COMMON", "FIXED_PIN",
+           "KL_PENALTY", "MONTE_CARLO"]
 
+CLIP_EPSILON = Param(0.2, float, "clip range epsilon", low=0.0, low_open=True, high=1.0,
+                     high_open=True)
 KL_PENALTY = {
     "dtarg": Param(0.01, float, "target KL of the adaptive rule", low=0.0, low_open=True),
     "beta": Param(1.0, float, "initial KL coefficient (stored as float)", low=0.0),
@@ -64,8 +64,7 @@ BUILTINS = [
         description="clipped surrogate, epsilon 0.2 (the PPO paper's best row)",
         kl_estimator="none",
         beta_rule="none",
-        params={"clip_epsilon": Param(0.2, float, "clip range epsilon", low=0.0, low_open=True,
-                                      high=1.0, high_open=True), **COMMON},
+        params={"clip_epsilon": CLIP_EPSILON, **COMMON},
         aliases=ALIASES,
     ),
     Variant(
@@ -85,15 +84,3 @@ BUILTINS = [
            adaptive=False, mc=False),
     _klpen("klpen-fixed-mc", "KL penalty, Monte-Carlo KL, fixed beta", adaptive=False, mc=True),
 ]
-
-
-def _register_builtins() -> None:
-    from klppo_bench import __version__
-
-    with registering_from(make_source("builtin", __name__, package="klppo-bench",
-                                      version=__version__)):
-        for variant in BUILTINS:
-            register(variant)
-
-
-_register_builtins()

@@ -13,7 +13,8 @@ What the hash covers:
   choices, bounds and loss keyword (not its doc), the pinned keywords, the distribution class's
   name, the aliases, ``kl_estimator`` and ``beta_rule`` (not ``description``);
 * the code of the loss class and of the distribution class: the source (``inspect.getsource``)
-  of each class and of its base classes, walking up until a class from an installed library
+  of each class and of its base classes (for a ``@surrogate`` variant's class, made at run
+  time: the source of its formula), walking up until a class from an installed library
   (a module file under the interpreter's library directories: torchrl, torch, tensordict, the
   standard library); for those, the library's name and version instead (``torchrl 0.14.1``).
   Code outside an installed library -- a ``--plugin`` file, a package installed with
@@ -37,7 +38,8 @@ import sysconfig
 from importlib import metadata
 from typing import Any
 
-from klppo_bench.variants.registry import Variant, get_variant, load_plugins, variant_source
+from klppo_bench.variants.registry import get_variant, load_plugins, variant_source
+from klppo_bench.variants.variant import Variant
 
 __all__ = ["code_identity", "variant_code_hash", "variant_provenance"]
 
@@ -87,8 +89,20 @@ def _library(cls: type) -> tuple[str, str] | None:
     return top, str(version)
 
 
+def function_source(fn) -> str:
+    """A function's source; where it has none (made by ``exec``), its bytecode."""
+    try:
+        return inspect.getsource(fn)
+    except (OSError, TypeError):
+        return f"{fn.__qualname__} (no source):{marshal.dumps(fn.__code__).hex()}"
+
+
 def _source(cls: type) -> str:
-    """The class's source; where it has none (made at run time), its methods' bytecode."""
+    """The class's source; where it has none (made at run time), its ``__identity_source__``
+    (a :func:`~klppo_bench.variants.surrogate.surrogate` class: its formula's source) or else
+    its methods' bytecode."""
+    if "__identity_source__" in vars(cls):
+        return vars(cls)["__identity_source__"]
     try:
         return inspect.getsource(cls)
     except (OSError, TypeError):

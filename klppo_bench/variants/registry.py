@@ -1,13 +1,14 @@
 """The loss-variant registry: the only plug-in point for PPO objectives.
 
-A :class:`Variant` names a torchrl loss class, the parameters a run may set on it (with the
-ranges torchrl enforces), the policy distribution (which decides the KL path) and the beta
-schedule. The harness never branches on a variant's name: it asks the variant for its loss
+A :class:`~klppo_bench.variants.variant.Variant` names a torchrl loss class, the parameters a
+run may set on it (with the ranges torchrl enforces), the policy distribution (which decides
+the KL path) and the beta schedule. The harness never branches on a variant's name: it asks the variant for its loss
 module (:meth:`Variant.build_loss`) and its beta schedule (:meth:`Variant.beta_schedule`).
 
-Variants come from three places: the built-ins (:mod:`klppo_bench.variants.builtin`), the
-``klppo_bench.variants`` entry-point group of any installed package, and ``--plugin MODULE``
-(any importable module that calls :func:`register`). Each registration records its source
+Variants come from three places: the built-ins (:mod:`klppo_bench.variants.builtin`, registered
+here on first use), the ``klppo_bench.variants`` entry-point group of any installed package,
+and ``--plugin MODULE`` (any importable module that calls :func:`register`, or uses
+:func:`klppo_bench.variants.surrogate.surrogate`). Each registration records its source
 (:func:`variant_source`), so a name registered twice is reported with both origins, and a
 run can record where its loss came from.
 """
@@ -23,97 +24,20 @@ import sys
 import sysconfig
 import traceback
 import types
-from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Mapping
 
-import torch
-from torchrl.objectives import LossModule
-
 from klppo_bench.errors import ConfigError
-from klppo_bench.variants.beta import BetaSchedule, make_beta_schedule
-from klppo_bench.variants.distributions import JointNormal
+from klppo_bench.variants import builtin
 from klppo_bench.variants.params import Param
+from klppo_bench.variants.variant import Variant
+
+__all__ = ["ENTRY_POINT_GROUP", "Param", "Variant", "all_variants", "describe_source",
+           "get_variant", "load_plugins", "register", "registering_from", "variant_rows",
+           "variant_source"]
 
 ENTRY_POINT_GROUP = "klppo_bench.variants"
-
-
-@dataclass(frozen=True)
-class Variant:
-    """A PPO loss variant: a torchrl loss class configured one way.
-
-    Attributes:
-        name: registry key (``klppo-bench run --variant NAME``).
-        loss_class: a torchrl ``LossModule`` subclass taking ``actor_network`` and
-            ``critic_network`` plus keyword arguments.
-        description: one line for ``klppo-bench variants``.
-        kl_estimator: ``analytic``, ``monte-carlo`` or ``none`` (what the loss really
-            computes; tested in ``tests/test_variants.py``).
-        beta_rule: ``adaptive``, ``fixed`` or ``none``.
-        params: settable parameters and their defaults.
-        pinned: loss keywords the variant fixes and a run may not set (e.g. a fixed beta's
-            ``increment = decrement = 1``).
-        distribution_class: policy distribution; it decides torchrl's KL path.
-        aliases: alternative parameter names (``entropy_coef`` -> ``entropy_coeff``).
-    """
-
-    name: str
-    loss_class: type[LossModule]
-    description: str
-    kl_estimator: str
-    beta_rule: str
-    params: Mapping[str, Param]
-    pinned: Mapping[str, Any] = field(default_factory=dict)
-    distribution_class: type[torch.distributions.Distribution] = JointNormal
-    aliases: Mapping[str, str] = field(default_factory=dict)
-
-    def __post_init__(self):
-        if self.kl_estimator not in ("analytic", "monte-carlo", "none"):
-            raise ValueError(f"variant {self.name}: kl_estimator={self.kl_estimator!r}")
-        if self.beta_rule not in ("adaptive", "fixed", "none"):
-            raise ValueError(f"variant {self.name}: beta_rule={self.beta_rule!r}")
-
-    def defaults(self) -> dict[str, Any]:
-        return {k: p.default for k, p in self.params.items()}
-
-    def resolve(self, overrides: Mapping[str, Any] | None = None, where: str = "--set") -> dict:
-        """Defaults updated with ``overrides``; each value parsed and range-checked.
-
-        Raises:
-            ConfigError: unknown key (lists the allowed ones) or a bad value.
-        """
-        params = self.defaults()
-        for raw_key, raw in (overrides or {}).items():
-            key = self.aliases.get(raw_key, raw_key)
-            if key not in self.params:
-                hint = ""
-                if key in self.pinned:
-                    hint = f" ({key} is pinned to {self.pinned[key]!r} by {self.name})"
-                raise ConfigError(
-                    f"{where}: unknown parameter {raw_key!r} for variant {self.name}{hint}; "
-                    f"allowed: {', '.join(sorted(self.params))}"
-                )
-            params[key] = self.params[key].parse(raw, key, where)
-        return params
-
-    def beta_schedule(self, params: Mapping[str, Any]) -> BetaSchedule:
-        """The beta schedule for these resolved parameters."""
-        if self.beta_rule == "adaptive":
-            return make_beta_schedule(params["beta_schedule"])
-        return make_beta_schedule(self.beta_rule)
-
-    def build_loss(self, actor, critic, params: Mapping[str, Any]) -> LossModule:
-        """Instantiate ``loss_class`` on ``actor``/``critic`` with the resolved parameters."""
-        kwargs = dict(self.pinned)
-        for key, value in params.items():
-            spec = self.params[key]
-            if spec.loss_kwarg is None:
-                continue
-            name = key if spec.loss_kwarg == "same" else spec.loss_kwarg
-            kwargs[name] = float(value) if spec.kind is float else value
-        kwargs.update(self.beta_schedule(params).loss_overrides())
-        return self.loss_class(actor_network=actor, critic_network=critic, **kwargs)
 
 
 _REGISTRY: dict[str, Variant] = {}
@@ -122,6 +46,7 @@ _SOURCES: dict[str, dict] = {}
 _SCOPE: list[dict] = []
 """Sources whose code is running now, innermost last: register() records the innermost."""
 _ENTRY_POINTS_LOADED = False
+_BUILTINS_REGISTERED = False
 _LOADED_PLUGINS: set[str] = set()
 _WARNED: set[str] = set()
 
@@ -167,17 +92,18 @@ def _warn(message: str) -> None:
         print(f"klppo-bench: warning: {message}", file=sys.stderr)
 
 
-def register(variant: Variant) -> Variant:
+def register(variant: Variant, *, module: str | None = None) -> Variant:
     """Add ``variant`` to the registry, recording where it came from.
 
-    A name registered twice is a :class:`ConfigError` naming both sources, except from an
-    installed entry point: that only warns (once) and the first registration stays, so one
-    package cannot break every command in an environment.
+    The source is the plugin or entry point being loaded; outside one, the module ``module``
+    (default: the caller's module). A name registered twice is a :class:`ConfigError` naming
+    both sources, except from an installed entry point: that only warns (once) and the first
+    registration stays, so one package cannot break every command in an environment.
     """
     if not isinstance(variant, Variant):
         raise TypeError(f"register() takes a Variant, got {type(variant).__name__}")
     source = _SCOPE[-1] if _SCOPE else make_source(
-        "module", sys._getframe(1).f_globals.get("__name__", "?"))
+        "module", module or sys._getframe(1).f_globals.get("__name__", "?"))
     if variant.name in _REGISTRY:
         clash = (f"variant {variant.name!r} is registered twice: by "
                  f"{describe_source(_SOURCES[variant.name])} and by {describe_source(source)}")
@@ -189,6 +115,12 @@ def register(variant: Variant) -> Variant:
     _REGISTRY[variant.name] = variant
     _SOURCES[variant.name] = source
     return variant
+
+
+def error_line(err: BaseException) -> str:
+    """An exception from a user's code in one line: ``Type: first line`` and, where it was
+    raised in the user's own file, `` at FILE:LINE``."""
+    return _one_line(err) + _user_line(err)
 
 
 def _one_line(err: BaseException) -> str:
@@ -301,7 +233,9 @@ def load_plugins(modules: list[str] | tuple[str, ...] = (), where: str = "--plug
         except ConfigError as err:
             _forget_since(before)
             raise ConfigError(f"{where} {module}: {err}") from None
-        except Exception as err:  # the user's code: one line, never a traceback
+        # the user's code: one line, never a traceback; sys.exit() or a KeyboardInterrupt
+        # raised by a plugin at import is its error too, not the end of the command
+        except (Exception, SystemExit, KeyboardInterrupt) as err:
             _forget_since(before)
             raise ConfigError(f"{where} {module}: cannot import it ({_one_line(err)}"
                               f"{_user_line(err)}); allowed: a .py file or an importable "
@@ -337,10 +271,22 @@ def _import_file(path: Path) -> None:
         raise
 
 
+def _register_builtins() -> None:
+    global _BUILTINS_REGISTERED
+    if _BUILTINS_REGISTERED:
+        return
+    _BUILTINS_REGISTERED = True
+    from klppo_bench import __version__
+
+    with registering_from(make_source("builtin", builtin.__name__, package="klppo-bench",
+                                      version=__version__)):
+        for variant in builtin.BUILTINS:
+            register(variant)
+
+
 def all_variants() -> dict[str, Variant]:
     """Every registered variant: the built-ins, installed entry points, loaded plugins."""
-    import klppo_bench.variants.builtin  # noqa: F401  (registers the built-ins)
-
+    _register_builtins()
     _load_entry_points()
     return dict(_REGISTRY)
 

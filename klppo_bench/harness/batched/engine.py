@@ -56,6 +56,7 @@ from klppo_bench.harness.common import (EVAL_SEED_OFFSET, RunResult, iteration_r
 from klppo_bench.variants import get_variant, load_plugins
 from klppo_bench.variants.beta import BetaSchedule
 from klppo_bench.variants.distributions import joint_normal_kl
+from klppo_bench.variants.outputs import recorded_columns
 
 __all__ = ["LaneUnsupported", "build_lanes", "train_batched"]
 
@@ -81,12 +82,13 @@ def _gae(nets, obs, next_obs, reward, done, terminated, gamma, lmbda, S, E, T):
 
 
 def _lane_means(out: dict[str, torch.Tensor], S: int) -> dict[str, torch.Tensor]:
-    """Each logged loss output's per-lane mean (as the reference's ``out[key].mean()``; a lane
-    with one value, the usual reduced loss output, is that value)."""
+    """Each recorded loss output's per-lane mean, by metrics column (as the reference's
+    ``out[key].mean()``; a lane with one value, the usual reduced loss output, is that value).
+    Extra outputs of the module are ``extra/<key>`` (:mod:`klppo_bench.variants.outputs`)."""
     means = {}
-    for key in sorted(_LOGGED & out.keys()):
+    for key, column in sorted(recorded_columns(out).items()):
         value = out[key].detach().reshape(S, -1)
-        means[key] = value[:, 0] if value.shape[1] == 1 else value.mean(1)
+        means[column] = value[:, 0] if value.shape[1] == 1 else value.mean(1)
     return means
 
 

@@ -53,6 +53,7 @@ from torch.overrides import TorchFunctionMode
 from klppo_bench.harness.batched.replay import (NotRecordable, Recording, read_while_recording,
                                                 signature)
 from klppo_bench.harness.batched.structure import lane_state_differences, loss_structure
+from klppo_bench.variants.outputs import extra_outputs
 
 __all__ = ["LaneLoss", "LanesDisagree", "LaneUnsupported", "distribution_validation_off",
            "lane_state_differences", "loss_structure"]
@@ -276,7 +277,8 @@ class LaneLoss:
         A call with gradients is replayed from its signature's recording (:mod:`.replay`),
         recorded on the signature's first call; the rest run the module eagerly. ``outputs``:
         the output keys the caller reads besides the ``loss_*`` terms (all if ``None``); a
-        replay computes only those."""
+        replay computes only those and the module's extra outputs (recorded as
+        ``extra/<key>``: :mod:`klppo_bench.variants.outputs`)."""
         if not torch.is_grad_enabled():
             self.calls["eager"] += 1
             return self._eager(batch)
@@ -340,6 +342,8 @@ class LaneLoss:
             eager_out = self._eager(batch)
             eager_own = {k: v.clone() for k, v in self._own.items()}
             restore()
+            if outputs is not None:  # the module's extra outputs are recorded too
+                outputs = outputs | extra_outputs(eager_out)
             recording = Recording.record(call, self.state, batch, outputs)
             restore()
             replayed = recording(self._state_leaves,
