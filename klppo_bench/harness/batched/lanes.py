@@ -35,8 +35,8 @@ above); calls that draw random numbers, or run without gradients, stay eager.
 
 A loss that cannot run this way (it writes ``.data`` of a buffer, calls ``.item()`` on
 lane-dependent values that differ, uses an op without a batching rule, ...) is found by
-:func:`probe_lanes` on a tiny synthetic batch; the planner then sends its runs to the
-reference engine and says why in one line.
+:func:`~.packing.batch_unsupported_reason` on a tiny synthetic batch; the planner then sends
+its runs to the reference engine and says why in one line.
 """
 
 from __future__ import annotations
@@ -52,7 +52,8 @@ from torch.overrides import TorchFunctionMode
 
 from klppo_bench.harness.batched.replay import (NotRecordable, Recording, read_while_recording,
                                                 signature)
-from klppo_bench.harness.batched.structure import lane_state_differences, loss_structure
+from klppo_bench.harness.batched.structure import (LanesDisagree, lane_state_differences,
+                                                   lanes_equal, loss_structure)
 from klppo_bench.variants.outputs import extra_outputs
 
 __all__ = ["LaneLoss", "LanesDisagree", "LaneUnsupported", "distribution_validation_off",
@@ -63,16 +64,12 @@ class LaneUnsupported(ValueError):
     """These runs cannot share one batched job (the message says what blocks it)."""
 
 
-class LanesDisagree(RuntimeError):
-    """Lanes took different branches of a Python ``if`` inside the loss."""
-
-
 _RANDOM_OUT_OF_PLACE = {torch.normal, torch.randn, torch.rand, torch.randint, torch.bernoulli,
                         torch.multinomial, torch.poisson, torch.randn_like, torch.rand_like,
                         torch.randint_like, torch.randperm, torch.binomial,
                         torch._standard_gamma, torch.Tensor.bernoulli, torch.Tensor.multinomial}
 """Random ops that take a ``generator``; any other draw from torch's global generator inside a
-loss (``F.dropout``, ...) is found by the probe (:func:`klppo_bench.harness.batched.job`),
+loss (``F.dropout``, ...) is found by the probe (:mod:`klppo_bench.harness.batched.packing`),
 which then sends the variant to the reference engine."""
 _RANDOM_IN_PLACE = {torch.Tensor.normal_, torch.Tensor.uniform_, torch.Tensor.bernoulli_,
                     torch.Tensor.exponential_, torch.Tensor.random_, torch.Tensor.cauchy_,
@@ -92,14 +89,6 @@ def _physical(t: torch.Tensor) -> tuple[torch.Tensor, int]:
     level = _ft.maybe_get_level(t)
     bdim = _ft.maybe_get_bdim(t)
     return _ft.get_unwrapped(t).movedim(bdim, 0), level
-
-
-def lanes_equal(lanes: torch.Tensor) -> torch.Tensor:
-    """Elementwise: each lane's value equals lane 0's (NaN equals NaN)."""
-    first = lanes[0]
-    if lanes.is_floating_point():
-        return (lanes == first) | (lanes.isnan() & first.isnan())
-    return lanes == first
 
 
 class _LaneMode(TorchFunctionMode):

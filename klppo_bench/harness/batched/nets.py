@@ -8,6 +8,8 @@ operation mixes seeds, so each seed's outputs and gradients are its own.
 
 Each seed is initialised by the reference builder itself (``torch.manual_seed(seed)`` then
 ``build_models``), so seed ``s`` starts from exactly the reference engine's weights.
+:func:`build_lanes` builds a job's lanes: these networks and, on the same parameters, the
+variant's loss module for every lane (:class:`~.lanes.LaneLoss`).
 """
 
 from __future__ import annotations
@@ -16,8 +18,10 @@ import torch
 from tensordict.nn.distributions.continuous import AddStateIndependentNormalScale
 from torch import nn
 
-from klppo_bench.config import ModelConfig
+from klppo_bench.config import ModelConfig, RunConfig
+from klppo_bench.harness.batched.lanes import LaneLoss
 from klppo_bench.harness.models import Models, build_models
+from klppo_bench.variants import get_variant
 
 _ACTIVATIONS = {"tanh": torch.tanh, "relu": torch.relu, "elu": nn.functional.elu}
 SCALE_LB = 1e-4
@@ -110,3 +114,26 @@ class StackedActorCritic(nn.Module):
     def value(self, obs: torch.Tensor) -> torch.Tensor:
         """State values, ``[S, B, obs_dim] -> [S, B, 1]``."""
         return self._mlp(self._critic, obs)
+
+
+def build_lanes(cfgs: list[RunConfig], obs_dim: int, action_dim: int, device: torch.device,
+                generators: list[torch.Generator] | None = None):
+    """The lanes' stacked networks and their vectorized loss, from each run's own models.
+
+    Returns ``(nets, lane_loss, init_states)``; ``init_states[s]`` is torch's RNG state right
+    after lane ``s``'s models were built (where its reference run starts sampling).
+
+    Raises:
+        LaneUnsupported: the lanes' loss modules cannot share one vmapped call.
+    """
+    variant = get_variant(cfgs[0].variant)
+    inits = [init_seed_models(obs_dim, action_dim, c.model, variant.distribution_class, c.seed)
+             for c in cfgs]
+    models = [m for m, _ in inits]
+    losses = [variant.build_loss(m.loss_actor, m.loss_critic, c.loss)
+              for m, c in zip(models, cfgs)]
+    nets = StackedActorCritic.from_models(models, cfgs[0].model, device)
+    if generators is None:
+        generators = [torch.Generator().manual_seed(c.seed) for c in cfgs]
+    shared = {id(p): q for p, q in zip(reference_parameters(models[0]), nets.ordered_parameters())}
+    return nets, LaneLoss(losses, shared, generators), [state for _, state in inits]

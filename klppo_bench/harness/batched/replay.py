@@ -62,6 +62,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map_only
 
 from klppo_bench.harness.batched.graph import compile_graph, draws, simplify, writes_inputs
+from klppo_bench.harness.batched.structure import LanesDisagree, lanes_equal
 
 __all__ = ["NotRecordable", "Recording", "guard_for", "read_while_recording", "signature"]
 
@@ -106,8 +107,6 @@ def read_while_recording(func, args, kwargs, lanes: torch.Tensor | None, guards:
     """``func`` (a Python read of a tensor value) while recording: answered from the real value
     (lane 0's; all lanes must agree) and guarded. ``lanes``: the lane-stacked tensor behind a
     batched ``args[0]``, else ``None``."""
-    from klppo_bench.harness.batched.lanes import LanesDisagree, lanes_equal
-
     value = lanes[0] if lanes is not None else args[0]
     with disable_proxy_modes_tracing():
         if lanes is not None and len(lanes) > 1 and not bool(lanes_equal(lanes).all()):

@@ -1,7 +1,8 @@
 """What lanes must share to share one vmapped loss call: the loss class, every attribute that
 is not a tensor (of the loss and of every module inside it), and the shapes of its parameters
 and buffers, whose values are stacked per lane (:class:`~.lanes.LaneLoss`). The planner's lane
-key (:func:`~.job.lane_key`) is :func:`loss_structure`."""
+key (:func:`~.packing.lane_key`) is :func:`loss_structure`. When lanes read different values
+into Python inside a call (:func:`lanes_equal`), the call raises :class:`LanesDisagree`."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from typing import Sequence
 import torch
 from tensordict import TensorDict, TensorDictBase
 
-__all__ = ["lane_state_differences", "loss_structure"]
+__all__ = ["LanesDisagree", "lane_state_differences", "lanes_equal", "loss_structure"]
 
 
 # KLPENPPOLoss keeps its initial beta as a float for ``reset()`` (never called by the
@@ -104,3 +105,16 @@ def lane_state_differences(losses: Sequence[torch.nn.Module]) -> list[str]:
         other = _structure(loss)
         diff |= {k for k in ref.keys() | other.keys() if ref.get(k) != other.get(k)}
     return sorted(map(str, diff))
+
+
+class LanesDisagree(RuntimeError):
+    """Lanes took different branches of a Python ``if`` inside the loss (or read
+    different values with ``item()``): the call is rerun lane by lane."""
+
+
+def lanes_equal(lanes: torch.Tensor) -> torch.Tensor:
+    """Elementwise: each lane's value equals lane 0's (NaN equals NaN)."""
+    first = lanes[0]
+    if lanes.is_floating_point():
+        return (lanes == first) | (lanes.isnan() & first.isnan())
+    return lanes == first
