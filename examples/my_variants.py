@@ -1,13 +1,17 @@
-"""A user's own loss variants, added without forking klppo-bench.
+"""A user's own loss variants, added without forking klppo-bench: the subclass route of
+``docs/objectives.md`` (a one-formula objective is shorter with ``@surrogate``, as in
+``examples/dual_clip.py``).
 
 Use it with ``--plugin examples/my_variants.py`` (or ``--plugin my_variants`` from the
-folder that holds it), or ship it in a package with an entry point (README).
+folder that holds it), or ship it in a package with an entry point. Neither variant lists the
+common harness parameters (no entropy bonus, squared-error value loss, ...): every variant gets
+them unless it sets them itself (``klppo-bench variants --params`` shows where each comes from).
 """
 
 from torchrl.objectives import ClipPPOLoss, KLPENPPOLoss
 
 from klppo_bench.variants import JointNormal, Param, Variant, register
-from klppo_bench.variants.builtin import ADAPTIVE, ALIASES, COMMON, KL_PENALTY
+from klppo_bench.variants.builtin import ADAPTIVE, CLIP_EPSILON, KL_PENALTY
 
 # 1. A registry entry on an existing torchrl loss, with other defaults.
 register(Variant(
@@ -16,13 +20,12 @@ register(Variant(
     description="adaptive KL penalty with a tight target (dtarg 0.003, x1.5 / x1/1.5)",
     kl_estimator="analytic",
     beta_rule="adaptive",
-    params={**KL_PENALTY, **ADAPTIVE, **COMMON,
+    params={**KL_PENALTY, **ADAPTIVE,
             "dtarg": Param(0.003, float, "target KL", low=0.0, low_open=True),
             "increment": Param(1.5, float, "beta multiplier up", low=1.0),
             "decrement": Param(1 / 1.5, float, "beta multiplier down", low=0.0, low_open=True,
                                high=1.0)},
     distribution_class=JointNormal,
-    aliases=ALIASES,
 ))
 
 
@@ -53,9 +56,6 @@ register(Variant(
     description="clipped surrogate + 0.1 x analytic KL (a user-defined objective)",
     kl_estimator="analytic",
     beta_rule="none",
-    params={"clip_epsilon": Param(0.2, float, "clip range", low=0.0, low_open=True, high=1.0,
-                                  high_open=True),
-            "kl_coeff": Param(0.1, float, "weight of the KL term", low=0.0),
-            **COMMON},
-    aliases=ALIASES,
+    params={"clip_epsilon": CLIP_EPSILON,
+            "kl_coeff": Param(0.1, float, "weight of the KL term", low=0.0)},
 ))

@@ -43,7 +43,8 @@ FIXED_PIN = {"increment": 1.0, "decrement": 1.0}
 
 
 def _klpen(name: str, description: str, adaptive: bool, mc: bool) -> Variant:
-    params = {**KL_PENALTY, **(ADAPTIVE if adaptive else {}), **(MONTE_CARLO if mc else {}), **COMMON}
+    params = {**KL_PENALTY, **(ADAPTIVE if adaptive else {}), **(MONTE_CARLO if mc else {}),
+              **COMMON}
     return Variant(
         name=name,
         loss_class=KLPENPPOLoss,

@@ -2,8 +2,9 @@
 
 A :class:`~klppo_bench.variants.variant.Variant` names a torchrl loss class, the parameters a
 run may set on it (with the ranges torchrl enforces), the policy distribution (which decides
-the KL path) and the beta schedule. The harness never branches on a variant's name: it asks the variant for its loss
-module (:meth:`Variant.build_loss`) and its beta schedule (:meth:`Variant.beta_schedule`).
+the KL path) and the beta schedule. The harness never branches on a variant's name: it asks
+the variant for its loss module (:meth:`Variant.build_loss`) and its beta schedule
+(:meth:`Variant.beta_schedule`).
 
 Variants come from three places: the built-ins (:mod:`klppo_bench.variants.builtin`, registered
 here on first use), the ``klppo_bench.variants`` entry-point group of any installed package,
