@@ -208,7 +208,7 @@ class BatchedTraining(JobState):
     def _minibatch_step(self, minibatch: TensorDict, it: int,
                         stats: dict[str, list[torch.Tensor]]) -> None:
         """One loss call for all lanes, then each lane's backward, clipping and Adam step; a
-        lane whose loss or gradient is not finite fails (and gets no update)."""
+        lane whose loss or gradient is not finite is recorded as failed (its loss counts 0)."""
         S = self.S
         out = dict(self.lane_loss(minibatch, _LOGGED).items())
         total = _total(out)
