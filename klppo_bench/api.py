@@ -52,12 +52,25 @@ def _runs_of(exp_dir: Path) -> pd.DataFrame:
         experiment=exp_dir.name, path=[str(exp_dir / "runs" / r) for r in
                                        records.not_done.run_id])
     out = pd.concat([done, rest], ignore_index=True) if len(rest) else done
-    out["params"] = [parse_params(p) for p in out.params]
+    out["params_text"] = out.params
+    out["params"] = [{k: _value(v) for k, v in parse_params(p).items()} for p in out.params]
+    out["frames"] = pd.array(out.frames, dtype="Int64")
     return out
 
 
+def _value(text: str):
+    """``"0.2"`` -> 0.2, ``"False"`` -> False, ``"l2"`` -> ``"l2"`` (a config value as YAML)."""
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
 def load_runs(path: Path | str, states: Iterable[str] | None = None) -> pd.DataFrame:
-    """One row per run: experiment, run_id, env, variant, setting, params (dict), seed,
+    """One row per run: experiment, run_id, env, variant, setting, params (dict of values;
+    ``params_text`` is the same as one ``"k=v,..."`` string), seed,
     frames, final_score (mean return of the last 100 training episodes), final_eval_return,
     engine, commit, versions, state, wall_seconds, error and path.
 
@@ -81,7 +94,8 @@ def load_runs(path: Path | str, states: Iterable[str] | None = None) -> pd.DataF
 def load_curves(path: Path | str, metric: str | Iterable[str] | None = "episode_return",
                 table: str = "metrics") -> pd.DataFrame:
     """Per-iteration curves of every done run, long format: experiment, run_id, env, variant,
-    setting, params, seed, frames, metric, value.
+    setting, params (the loss parameters as one ``"k=v,..."`` string), seed, frames, metric,
+    value.
 
     Args:
         metric: a column of the run's table (``episode_return``, ``kl``, ``beta``,
@@ -92,7 +106,7 @@ def load_curves(path: Path | str, metric: str | Iterable[str] | None = "episode_
     from klppo_bench.store import load_tables
 
     runs = load_runs(path, states=("done",))
-    long, _ = load_tables(runs, table)
+    long, _ = load_tables(runs.assign(params=runs.params_text), table)
     long = long.merge(runs[["run_id", "experiment"]], on="run_id", how="left")
     if metric is not None:
         wanted = [metric] if isinstance(metric, str) else list(metric)

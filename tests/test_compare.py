@@ -129,7 +129,10 @@ def test_api_reads_an_experiment_and_a_results_root(experiments):
     runs = kb.load_runs(experiments / "mine")
     assert len(runs) == 4 and set(runs.state) == {"done"}
     clip = runs[runs.setting == "clip"].iloc[0]
-    assert clip.params["clip_epsilon"] == "0.2" and clip.variant == "clip"
+    assert clip.params["clip_epsilon"] == 0.2 and clip.variant == "clip"
+    assert str(runs.frames.dtype) == "Int64"
+    curves_params = kb.load_curves(experiments / "mine").params
+    assert curves_params.notna().all() and curves_params.str.contains("clip_epsilon=").any()
     assert {"experiment", "final_score", "engine", "commit", "versions"} <= set(runs.columns)
     everything = kb.load_runs(experiments)  # the root: all three experiments
     assert set(everything.experiment) == {"mine", "stored", "stored_other"}

@@ -51,6 +51,12 @@ def _estimate(setting: str, env: str, metric: str, tasks: dict, func, opts) -> d
     """One interval estimate of ``func`` (a single number) as an aggregates.csv row."""
     point, low, high = agg.interval_estimate(agg.pack(tasks), func, opts.reps, opts.random_state)
     equal = len({len(a) for a in tasks.values()}) == 1
+    if min(len(a) for a in tasks.values()) < 2:  # one run: a bootstrap has nothing to resample
+        return {"setting": setting, "env": env, "metric": metric, "value": float(point[0]),
+                "ci_low": np.nan, "ci_high": np.nan,
+                "n_runs": int(sum(len(a) for a in tasks.values())), "n_tasks": len(tasks),
+                "runs_per_task": agg.describe_counts(tasks), "equal_runs_per_task": equal,
+                "bootstrap": "none (one run on a task)"}
     return {"setting": setting, "env": env, "metric": metric, "value": float(point[0]),
             "ci_low": float(low[0]), "ci_high": float(high[0]),
             "n_runs": int(sum(len(a) for a in tasks.values())), "n_tasks": len(tasks),

@@ -261,15 +261,17 @@ def _mark_best_cells(ax, m: pd.DataFrame, cells: pd.DataFrame) -> None:
     from klppo_bench.report.tables import same_when_printed
     from klppo_bench.stats.aggregate import best_and_tied
 
-    if not {"ci_low", "ci_high"} <= set(cells) or len(cells) < 2:
+    if not {"ci_low", "ci_high"} <= set(cells):
         return
     estimates = {(r.increment, r.dtarg): (r.value, r.ci_low, r.ci_high)
-                 for r in cells.itertuples()}
+                 for r in cells.itertuples() if np.isfinite([r.ci_low, r.ci_high]).all()}
+    if len(estimates) < 2:  # a cell without a CI (one run) is never marked
+        return
     winner, tied = best_and_tied(estimates, "max", same_when_printed)
     rows, cols = list(m.index), list(m.columns)
     for inc, dtarg in [winner, *tied]:
         ax.add_patch(Rectangle((cols.index(dtarg), rows.index(inc)), 1, 1, fill=False,
-                               edgecolor="white" if not tied else "black", linewidth=2.0,
+                               edgecolor="black", linewidth=2.0,
                                linestyle="-" if not tied else "--"))
 
 

@@ -64,7 +64,8 @@ def mark_mask(cells: pd.DataFrame, best: Mapping[str, str], group: str | None) -
     for col, rule in best.items():
         for idx in groups:
             estimates = {i: tuple(float(v) for v in cells.at[i, col]) for i in idx
-                         if isinstance(cells.at[i, col], tuple)}
+                         if isinstance(cells.at[i, col], tuple)
+                         and np.isfinite(list(cells.at[i, col])).all()}
             if sum(np.isfinite(e[0]) for e in estimates.values()) < 2:
                 continue
             winner, tied = agg.best_and_tied(estimates, rule, same_when_printed)
