@@ -7,6 +7,23 @@ import sys
 
 from klppo_bench import commands
 from klppo_bench.errors import ConfigError
+from klppo_bench.interrupts import Interrupts
+
+
+class _Parser(argparse.ArgumentParser):
+    """A bad command line gets one line and where to read more, not the usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+    def parse_args(self, args=None, namespace=None):
+        # unknown options are reported by the command they were given to
+        ns, extras = self.parse_known_args(args, namespace)
+        if extras:
+            commands = getattr(self, "commands", {})
+            commands.get(getattr(ns, "command", None), self).error(
+                f"unrecognized arguments: {' '.join(extras)}")
+        return ns
 
 
 def _checkpoint_args(p: argparse.ArgumentParser) -> None:
@@ -29,7 +46,7 @@ def _logger_args(p: argparse.ArgumentParser, replaces: str = "") -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="klppo-bench",
         description="Benchmark PPO loss variants (torchrl) with rliable statistics.",
     )
@@ -70,6 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="local", choices=("local", "ray"))
     p.add_argument("--workers", type=int, default=None, help="parallel runs (default: cores)")
     p.add_argument("--ray-address", default=None, help="join a Ray cluster (e.g. auto)")
+    p.add_argument("--ray-storage", default=None, choices=("auto", "shared", "driver"),
+                   help="where Ray tasks write their runs: auto (default): into the results "
+                        "directory where their node sees it (a shared filesystem), else sent "
+                        "back to this process, which writes them; shared: every node must see "
+                        "it; driver: always sent back")
     p.add_argument("--results", default="results", help="results root (default results/)")
     p.add_argument("--device", default="cpu", help="cpu | cuda | auto")
     p.add_argument("--plugin", action="append", default=[], metavar="MODULE")
@@ -112,24 +134,33 @@ def build_parser() -> argparse.ArgumentParser:
                         "each labelled with what differs, e.g. 'clip [frames=1024]'; default: "
                         "only the runs of the spec as last swept (manifest.json)")
     p.set_defaults(func=commands.report_command)
+    parser.commands = sub.choices
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    import torch
+    with Interrupts() as interrupts:
+        try:
+            args = build_parser().parse_args(argv)
+            # report: each Ctrl-C is raised again until it stops the command (interrupts.py)
+            interrupts.persist = args.func is commands.report_command
+            import torch
 
-    # one torch thread, as in every run: planning runs small torch probes, and a forked probe
-    # of a process with a started OpenMP pool would deadlock
-    torch.set_num_threads(1)
-    try:
-        return args.func(args)
-    except ConfigError as err:
-        print(f"klppo-bench: error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
+            # one torch thread, as in every run: planning runs small torch probes, and a
+            # forked probe of a process with a started OpenMP pool would deadlock
+            torch.set_num_threads(1)
+            code = args.func(args)
+        except ConfigError as err:
+            print(f"klppo-bench: error: {err}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            interrupts.stopped()
+            print("klppo-bench: interrupted", file=sys.stderr)
+            return 130
+    if interrupts.seen:  # an interrupt swallowed by a library's `except BaseException`
         print("klppo-bench: interrupted", file=sys.stderr)
         return 130
+    return code
 
 
 if __name__ == "__main__":

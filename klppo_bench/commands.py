@@ -40,6 +40,9 @@ def run_command(args) -> int:
     cfg = build_run_config(args.variant, args.env, args.seed, frames=args.frames,
                            device=args.device, overrides=parse_set_args(args.set),
                            plugins=tuple(args.plugin))
+    from klppo_bench.spec import check_env
+
+    check_env(cfg.env, "--env")
     if frames_note(cfg):
         print(frames_note(cfg))
     from klppo_bench.loggers import log_target, open_loggers, parse_loggers, prepare
@@ -93,10 +96,26 @@ def sweep_command(args) -> int:
     return main_sweep(args)
 
 
+REPORT_LIMITS = {"reps": (1, 1_000_000), "random_state": (0, 2**32 - 1),
+                 "random_episodes": (1, 100_000), "random_seed": (0, 2**32 - 1)}
+"""The ranges of ``report``'s numbers: bootstrap repetitions, numpy random states and seeds
+(``2**32 - 1``: numpy's seed range), random-policy episodes."""
+
+
+def check_report_args(args) -> None:
+    for key, (low, high) in REPORT_LIMITS.items():
+        value = getattr(args, key, None)
+        if value is not None and not low <= value <= high:
+            raise ConfigError(f"--{key.replace('_', '-')}={value} is invalid; allowed: int from "
+                              f"{low} to {high}")
+
+
 def report_command(args) -> int:
     from pathlib import Path
 
     from klppo_bench.report import main_report
+
+    check_report_args(args)
 
     target = Path(args.experiment)
     if target.suffix in (".yaml", ".yml") and target.is_file():

@@ -79,6 +79,16 @@ _CHOICES = {
     ("model", "trunk"): ("separate", "shared"),
     ("model", "wiring"): ("operator", "single-call"),
 }
+MAX_SEED = 2**32 - 1
+"""The largest seed: numpy's seed range (``np.random.seed``), so no two seeds share numpy's
+global stream; torch and gymnasium accept it too, with room for the env and evaluation seeds
+derived from it (``seed * num_envs + i``, ``seed + EVAL_SEED_OFFSET``)."""
+MAX_FRAMES = 10**10
+"""The most environment steps a run may ask for (10 billion: about four months at 1,000
+steps/s); more is a typo, not an experiment."""
+SEED_RANGE = f"int >= 0 and <= {MAX_SEED} (2**32 - 1, numpy's seed range)"
+FRAMES_RANGE = f"int >= 1 and <= {MAX_FRAMES} (10**10)"
+
 _UNIT_INTERVAL = {("train", "gamma"), ("train", "lmbda")}
 _POSITIVE_FLOAT = {("train", "lr")}
 _POSITIVE_INT = {("train", "steps_per_iter"), ("train", "epochs"), ("train", "minibatch_size"),
@@ -299,8 +309,8 @@ def build_run_config(
     """
     load_plugins(plugins)
     v = get_variant(variant)
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ConfigError(f"seed={seed!r} is invalid; allowed: int >= 0")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise ConfigError(f"seed={seed!r} is invalid; allowed: {SEED_RANGE}")
     cfg = RunConfig(
         variant=variant,
         env=resolve_env_id(env) if resolve_env else env,
@@ -310,8 +320,9 @@ def build_run_config(
         code=variant_code_hash(variant),
     )
     if frames is not None:
-        if isinstance(frames, bool) or not isinstance(frames, int) or frames < 1:
-            raise ConfigError(f"frames={frames!r} is invalid; allowed: int >= 1")
+        if isinstance(frames, bool) or not isinstance(frames, int) \
+                or not 1 <= frames <= MAX_FRAMES:
+            raise ConfigError(f"frames={frames!r} is invalid; allowed: {FRAMES_RANGE}")
         cfg.frames = frames
     loss_overrides = {}
     for key, raw in (overrides or {}).items():

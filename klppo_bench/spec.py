@@ -43,6 +43,9 @@ from typing import Any, Iterator
 import yaml
 
 from klppo_bench.config import (
+    FRAMES_RANGE,
+    MAX_FRAMES,
+    MAX_SEED,
     SECTIONS,
     RunConfig,
     build_run_config,
@@ -137,21 +140,34 @@ def _check_keys(mapping: Any, allowed: tuple[str, ...], where: str) -> dict:
 
 
 def _seed_list(raw: Any, where: str) -> list[int]:
-    allowed = "a count (int >= 1) or a non-empty list of distinct ints >= 0"
+    allowed = (f"a count (int >= 1) or a non-empty list of distinct ints >= 0, seeds up to "
+               f"{MAX_SEED} (2**32 - 1, numpy's seed range)")
     if _is_int(raw):
         if raw < 1:
             raise _bad(where, raw, allowed + " (empty grid)")
+        if raw > MAX_SEED + 1:
+            raise _bad(where, raw, allowed)
         return list(range(raw))
-    if isinstance(raw, list) and raw and all(_is_int(s) and s >= 0 for s in raw) \
+    if isinstance(raw, list) and raw and all(_is_int(s) and 0 <= s <= MAX_SEED for s in raw) \
             and len(set(raw)) == len(raw):
         return list(raw)
     raise _bad(where, raw, allowed + (" (empty grid)" if raw == [] else ""))
 
 
 def _frames(raw: Any, where: str) -> int:
-    if not _is_int(raw) or raw < 1:
-        raise _bad(where, raw, "int >= 1 (write 1000000, not 1e6)")
+    if not _is_int(raw) or not 1 <= raw <= MAX_FRAMES:
+        raise _bad(where, raw, f"{FRAMES_RANGE}; write 1000000, not 1e6")
     return raw
+
+
+def check_env(env_id: str, where: str) -> None:
+    """Refuse an env the harness cannot train (discrete actions, image observations, missing
+    package) now, before anything runs (:func:`klppo_bench.harness.env.env_problem`)."""
+    from klppo_bench.harness.env import env_problem
+
+    problem = env_problem(env_id)
+    if problem:
+        raise ConfigError(f"{where}: {env_id}: {problem}")
 
 
 def _variant_entry(raw: Any, where: str) -> dict:
@@ -199,10 +215,15 @@ def load_spec(path: str | Path, envs: list[str] | None = None, seeds: int | None
     """
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such spec file; allowed: a YAML file such as "
                           "experiments/bench.yaml") from None
+    except (OSError, UnicodeDecodeError) as err:  # a directory, unreadable, binary
+        why = "not UTF-8 text" if isinstance(err, UnicodeDecodeError) else \
+            (err.strerror or str(err)).lower()
+        raise ConfigError(f"{path}: cannot read the spec ({why}); allowed: a YAML file such "
+                          "as experiments/bench.yaml") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -240,6 +261,8 @@ def load_spec(path: str | Path, envs: list[str] | None = None, seeds: int | None
                        "a non-empty list of gymnasium ids or families, e.g. [Hopper]"
                        + (" (empty grid)" if raw_envs == [] else ""))
         env_ids = [resolve_env_id(e, where=f"{where}: envs") for e in raw_envs]
+    for env_id in dict.fromkeys(env_ids):
+        check_env(env_id, "--env" if envs else f"{where}: envs")
     if seeds is not None:
         seed_list = _seed_list(seeds, "--seeds")
     elif "seeds" in spec:

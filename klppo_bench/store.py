@@ -93,14 +93,31 @@ class RunDir:
         return self.path.name
 
     def status(self) -> dict | None:
+        """The run's status, or ``None`` when it is missing or damaged (unreadable, not UTF-8
+        JSON, not a mapping): such a run is trained again (:func:`status_problem` says why)."""
         try:
-            return json.loads((self.path / "status.json").read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
+            status = json.loads((self.path / "status.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):  # UnicodeDecodeError and JSONDecodeError are ValueErrors
             return None
+        return status if isinstance(status, dict) else None
 
     def state(self) -> str | None:
+        """One of :data:`STATES`, or ``None`` (no status, or a damaged one)."""
         s = self.status()
-        return None if s is None else s.get("state")
+        state = None if s is None else s.get("state")
+        return state if isinstance(state, str) and state in STATES else None
+
+    def status_problem(self) -> str | None:
+        """Why an existing ``status.json`` cannot be used (one line), or ``None`` when it is
+        readable or absent."""
+        path = self.path / "status.json"
+        if not path.exists() and not path.is_symlink():
+            return None
+        try:
+            _read_status(path)
+        except Exception as err:  # noqa: BLE001 -- any damage, one line
+            return error_line(err)
+        return None
 
     def config(self) -> dict:
         return yaml.safe_load((self.path / "config.yaml").read_text())
@@ -121,7 +138,8 @@ class RunDir:
         attempt's error or timings beside a new result.
         """
         self.path.mkdir(parents=True, exist_ok=True)
-        attempts = (self.status() or {}).get("attempts", 0) + 1
+        attempts = (self.status() or {}).get("attempts", 0)
+        attempts = (attempts if isinstance(attempts, int) else 0) + 1
         atomic_write_json(self.path / "status.json", {
             "state": "running", "running_at": time.time(), "pid": os.getpid(),
             "attempts": attempts, "error": None, **fields})
@@ -148,6 +166,22 @@ class RunDir:
                 summary.setdefault("frames_requested", self.config()["frames"])
         atomic_write_json(self.path / "summary.json", summary)
         self.set_status("done", **fields)
+
+    def write_record(self, files: dict[str, bytes]) -> None:
+        """Store a record made in another directory (a Ray worker that cannot see this one
+        trained the run in its own scratch directory and sent its files, by name): stale
+        outputs are removed, every file is written atomically and ``status.json`` last, so a
+        reader sees the old record or the whole new one."""
+        names = [n for n in files if Path(n).name == n and not n.startswith(".")]
+        self.path.mkdir(parents=True, exist_ok=True)
+        for name in TABLES + ("summary",):
+            for f in self.path.glob(f"{name}.*"):
+                if f.name not in files:
+                    f.unlink()
+        for name in sorted(n for n in names if n != "status.json"):
+            atomic_write_bytes(self.path / name, files[name])
+        if "status.json" in names:
+            atomic_write_bytes(self.path / "status.json", files["status.json"])
 
     def fail(self, error: str, **fields: Any) -> None:
         self.set_status("failed", error=error, **fields)
@@ -182,12 +216,15 @@ def progress_text(status: dict | None) -> str:
     p = (status or {}).get("progress")
     if not p or (status or {}).get("state") != "running":
         return ""
-    ret = p.get("episode_return")
-    eta = p.get("eta_seconds")
-    return (f"{p['frames']:,}/{p['total_frames']:,} frames"
-            + (f", return {ret:.0f}" if ret is not None else "")
-            + (f", eta {eta / 60:.0f} min" if eta is not None else "")
-            + f" (updated {max(0.0, time.time() - p['updated_at']) / 60:.0f} min ago)")
+    try:
+        ret = p.get("episode_return")
+        eta = p.get("eta_seconds")
+        return (f"{p['frames']:,}/{p['total_frames']:,} frames"
+                + (f", return {ret:.0f}" if ret is not None else "")
+                + (f", eta {eta / 60:.0f} min" if eta is not None else "")
+                + f" (updated {max(0.0, time.time() - p['updated_at']) / 60:.0f} min ago)")
+    except (AttributeError, KeyError, TypeError, ValueError):  # a damaged progress record
+        return ""
 
 
 def experiment_runs(exp_dir: Path | str) -> list[RunDir]:
@@ -223,10 +260,11 @@ INDEX_COLUMNS = ["run_id", "state", "env", "variant", "setting", "params", "seed
 
 
 def _read_status(path: Path) -> dict:
-    status = json.loads(path.read_text())
-    if not isinstance(status, dict) or status.get("state") not in STATES:
-        state = status.get("state") if isinstance(status, dict) else type(status).__name__
-        raise ValueError(f"state {state!r}; allowed: {', '.join(STATES)}")
+    status = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(status, dict):
+        raise ValueError(f"a JSON {type(status).__name__}, not a mapping")
+    if not isinstance(status.get("state"), str) or status["state"] not in STATES:
+        raise ValueError(f"state {status.get('state')!r}; allowed: {', '.join(STATES)}")
     return status
 
 

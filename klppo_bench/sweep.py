@@ -12,6 +12,7 @@ and its ``--dry-run`` list the runs on disk that are not part of it.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import signal
 import sys
@@ -28,10 +29,26 @@ from klppo_bench.spec import PlannedRun, _bad, expand, load_spec
 
 
 def run_state(exp_dir: Path, run_id: str) -> str:
-    """done | failed | running | pending | missing (from the run's status.json)."""
+    """done | failed | running | pending | missing | unreadable (from the run's status.json;
+    an unreadable one, damaged in any way, is trained again)."""
     from klppo_bench.store import RunDir
 
-    return RunDir(exp_dir / "runs" / run_id).state() or "missing"
+    run = RunDir(exp_dir / "runs" / run_id)
+    state = run.state()
+    if state is not None:
+        return state
+    return "unreadable" if run.status_problem() else "missing"
+
+
+def _print_unreadable(exp_dir: Path, runs: list[PlannedRun], states: dict[str, str]) -> None:
+    """One line per run whose status.json is damaged: it will be trained again."""
+    from klppo_bench.store import RunDir
+
+    for r in runs:
+        if states[r.run_id] == "unreadable":
+            run = RunDir(exp_dir / "runs" / r.run_id)
+            print(f"run {r.run_id}: {run.path / 'status.json'} is unreadable "
+                  f"({run.status_problem()}); will retrain")
 
 
 def needs_run(state: str, retry_failed: bool) -> bool:
@@ -66,8 +83,14 @@ def _check_args(args) -> None:
     every = getattr(args, "checkpoint_every", None)
     if every is not None and every < 1:
         raise _bad("--checkpoint-every", every, "int >= 1")
-    if args.ray_address and args.backend != "ray":
-        raise ConfigError("--ray-address applies to --backend ray only; allowed: --backend ray")
+    interval = getattr(args, "progress_interval", 30.0)
+    if not math.isfinite(interval) or interval < 0:
+        raise _bad("--progress-interval", interval, "a finite number of seconds >= 0 (0: a "
+                   "line at every iteration)")
+    for flag in ("ray_address", "ray_storage"):
+        if getattr(args, flag, None) and args.backend != "ray":
+            raise ConfigError(f"--{flag.replace('_', '-')} applies to --backend ray only; "
+                              "allowed: --backend ray")
     if args.backend == "ray":
         import importlib.util
 
@@ -148,7 +171,7 @@ def _print_plan(runs: list[PlannedRun], states: dict[str, str], retry_failed: bo
         progress = ""
         if state == "running" and exp_dir is not None:
             progress = "  " + progress_text(RunDir(exp_dir / "runs" / r.run_id).status())
-        print(f"{action:4}  {state:8}  {r.config.env:24}  {r.setting:{width}}  "
+        print(f"{action:4}  {state:10}  {r.config.env:24}  {r.setting:{width}}  "
               f"seed {r.config.seed:<3}  {r.run_id}{progress.rstrip()}")
 
 
@@ -182,6 +205,7 @@ def main_sweep(args) -> int:
                      where="--logger" if cli_loggers else f"{spec.path}: loggers:")
     if args.dry_run:
         states = {r.run_id: run_state(exp_dir, r.run_id) for r in runs}
+        _print_unreadable(exp_dir, runs, states)
         _print_plan(runs, states, args.retry_failed, exp_dir)
         _print_jobs(runs, args)
         _print_left_out(exp_dir, _definition(spec, runs, exp_dir))
@@ -192,7 +216,9 @@ def main_sweep(args) -> int:
 
     _print_frames(runs)
     _print_left_out(exp_dir, _definition(spec, runs, exp_dir))
-    if not any(needs_run(run_state(exp_dir, r.run_id), args.retry_failed) for r in runs):
+    states = {r.run_id: run_state(exp_dir, r.run_id) for r in runs}
+    _print_unreadable(exp_dir, runs, states)
+    if not any(needs_run(state, args.retry_failed) for state in states.values()):
         if _record_definition(spec, runs, exp_dir, write=False):
             with sweep_lock(exp_dir):  # nothing to run, but this spec is the definition now
                 _record_definition(spec, runs, exp_dir)
@@ -264,7 +290,8 @@ def _execute(runs: list[PlannedRun], todo: list[PlannedRun], exp_dir: Path, args
     progress = SweepProgress(todo, workers, interval=getattr(args, "progress_interval", 30.0))
     backend = make_backend(args.backend, exp_dir.resolve(), workers=workers,
                            ray_address=args.ray_address,
-                           on_event=progress.on_event)
+                           on_event=progress.on_event,
+                           ray_storage=getattr(args, "ray_storage", None) or "auto")
     batched = sum(e["write"] for j in jobs if j[0]["engine"] == "batched" for e in j)
     if log:
         print(log.describe())

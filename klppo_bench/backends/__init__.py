@@ -16,7 +16,8 @@ results. ``on_event`` (optional) receives live progress events from workers:
   each; a worker killed from outside (SIGKILL, out of memory) loses only its own run, which
   is recorded as failed with the signal's name.
 * ``ray``: the same jobs as Ray tasks (``num_cpus=1``) on a local Ray or, with
-  ``ray_address="auto"``, on an existing cluster. Ray is imported only here.
+  ``ray_address="auto"``, on an existing cluster, with or without a shared filesystem
+  (``ray_storage``: :mod:`klppo_bench.backends.ray_backend`). Ray is imported only there.
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ def default_workers() -> int:
 
 def make_backend(name: str, exp_dir: Path, workers: int | None = None,
                  ray_address: str | None = None,
-                 on_event: Callable[[dict], None] | None = None) -> Backend:
+                 on_event: Callable[[dict], None] | None = None,
+                 ray_storage: str = "auto") -> Backend:
     if name == "local":
         from klppo_bench.backends.local import LocalBackend
 
@@ -53,5 +55,6 @@ def make_backend(name: str, exp_dir: Path, workers: int | None = None,
     if name == "ray":
         from klppo_bench.backends.ray_backend import RayBackend
 
-        return RayBackend(exp_dir, workers=workers, address=ray_address, on_event=on_event)
+        return RayBackend(exp_dir, workers=workers, address=ray_address, on_event=on_event,
+                          storage=ray_storage)
     raise ConfigError(f"--backend {name!r}: allowed: {', '.join(BACKENDS)}")

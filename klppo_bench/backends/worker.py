@@ -21,7 +21,8 @@ def run_status(exp_dir: Path | str, entry: dict) -> dict:
            "error": status.get("error"), "seconds": status.get("seconds"),
            "attempts": status.get("attempts", 0), "final_score": None}
     if out["state"] == "done":
-        out["final_score"] = run.summary().get("final_score")
+        with contextlib.suppress(OSError, ValueError, AttributeError):  # a damaged summary
+            out["final_score"] = run.summary().get("final_score")
     return out
 
 
@@ -65,17 +66,48 @@ def _execute(job: list[dict], cfgs: list[RunConfig], exp_dir: Path | str,
     if all(entry.get("engine") == "batched" for entry in job):
         from klppo_bench.harness.batched import execute_batch
 
-        execute_batch(cfgs, exp_dir, progress=False,
-                      settings=[entry["setting"] for entry in job],
-                      on_iteration=hook,
-                      write=[entry.get("write", True) for entry in job],
-                      checkpoint_every=job[0].get("checkpoint_every"),
-                      keep_checkpoints=job[0].get("keep_checkpoints", False))
+        options = {"progress": False, "on_iteration": hook,
+                   "checkpoint_every": job[0].get("checkpoint_every"),
+                   "keep_checkpoints": job[0].get("keep_checkpoints", False)}
+        try:
+            execute_batch(cfgs, exp_dir, settings=[entry["setting"] for entry in job],
+                          write=[entry.get("write", True) for entry in job],
+                          raise_errors=True, **options)
+        except Exception as err:  # noqa: BLE001 -- recorded on the runs already
+            _train_lanes_alone(job, cfgs, exp_dir, err, options)
     else:
         for cfg, entry in zip(cfgs, job):
             execute_run(cfg, exp_dir, progress=False, setting=entry["setting"],
                         on_iteration=(lambda row, cfg=cfg: hook(cfg, row))
                         if hook is not None else None)
+
+
+def _train_lanes_alone(job: list[dict], cfgs: list[RunConfig], exp_dir: Path | str,
+                       err: Exception, options: dict) -> None:
+    """After an error that ended a whole batched job, train each of its lanes alone.
+
+    An exception raised inside the batch (not a lane's own divergence, which ends only that
+    lane) may come from one lane's seed or hyperparameters, and it ended every lane: so each
+    lane being written is trained again on its own, and only the lanes that fail alone stay
+    failed. Not for an error writing results (disk full: the location's fault, every lane
+    would hit it) nor for a job of one lane. A lane trained alone has the bits of a job of one
+    lane (the batch size changes float rounding); its status says so (``trained_alone``).
+    """
+    from klppo_bench.errors import DivergenceError
+    from klppo_bench.harness.batched import execute_batch
+    from klppo_bench.store import error_line
+
+    runs = [RunDir(Path(exp_dir) / "runs" / cfg.run_id()) for cfg in cfgs]
+    writing = [i for i, entry in enumerate(job) if entry.get("write", True)]
+    if (len(job) < 2 or isinstance(err, (OSError, DivergenceError))
+            or any(runs[i].state() == "done" for i in writing)):
+        return  # one lane's own failure, or one the other lanes would share
+    why = f"its batched job failed ({error_line(err)})"
+    for i in writing:
+        execute_batch([cfgs[i]], exp_dir, settings=[job[i]["setting"]], **options)
+        status = runs[i].status()
+        if status is not None:
+            runs[i].set_status(status["state"], trained_alone=why)
 
 
 def _open_loggers(log: dict | None, runs: list, exp_dir: Path | str):

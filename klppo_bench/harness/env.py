@@ -11,6 +11,8 @@ unbounded Gaussian policy.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import warnings
 
 import torch
@@ -83,6 +85,65 @@ class RunningObsNorm(Transform):
             spec = observation_spec[key]
             observation_spec[key] = Unbounded(spec.shape, device=spec.device, dtype=spec.dtype)
         return observation_spec
+
+
+def env_problem(env_id: str) -> str | None:
+    """Why ``env_id`` cannot be trained here, in one line, or ``None``.
+
+    The policy is a Gaussian over a flat vector and the models are MLPs, so the env must have
+    a continuous action space (a float ``Box`` of shape ``(n,)``) and a flat ``Box``
+    observation; an env that cannot be made (a missing package) is refused too.
+    """
+    return _env_problem(env_id)
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Silence what C code prints on file descriptor 2 (MuJoCo warns about HalfCheetah's
+    model on every load): validating a spec should print nothing but its verdict."""
+    import os
+    import sys
+
+    sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:  # no stderr at all: nothing to silence
+        yield
+        return
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+@functools.lru_cache(maxsize=64)
+def _env_problem(env_id: str) -> str | None:
+    import gymnasium as gym
+    import numpy as np
+
+    try:
+        with warnings.catch_warnings(), _quiet_stderr():
+            warnings.simplefilter("ignore")
+            env = gym.make(env_id)
+    except Exception as err:  # noqa: BLE001 -- a missing dependency, a broken registration
+        first = (str(err).strip().splitlines() or [""])[0][:200]
+        return f"cannot be made here ({type(err).__name__}: {first})"
+    try:
+        act, obs = env.action_space, env.observation_space
+    finally:
+        with contextlib.suppress(Exception):
+            env.close()
+    if not isinstance(act, gym.spaces.Box) or not np.issubdtype(act.dtype, np.floating) \
+            or len(act.shape) != 1:
+        return (f"its action space is {act}; allowed: envs with continuous actions (a float "
+                "Box of shape (n,)), e.g. the MuJoCo tasks")
+    if not isinstance(obs, gym.spaces.Box) or len(obs.shape) != 1:
+        return (f"its observation space is {obs}; allowed: envs with flat vector observations "
+                "(a Box of shape (n,)), e.g. the MuJoCo tasks")
+    return None
 
 
 def make_env(env_id: str, seed: int, num_envs: int = 1, obs_norm: bool = True,
