@@ -7,8 +7,11 @@ Issue 10's speed contract, measured side by side in one benchmark run (not a tes
 * ``previous <variant> S=k`` -- the same call in an older checkout (``--baseline``, a git
   worktree of the commit before the generic engine: it re-implemented torchrl's PPO losses by
   hand), for ``clip`` and ``klpen-adaptive``;
-* ``dual-clip`` -- the Dual-Clip PPO example (a user's ``ClipPPOLoss`` subclass overriding
-  ``forward``) on the generic engine;
+* ``dual-clip`` -- the Dual-Clip PPO example, one ``@surrogate`` formula
+  (``examples/dual_clip.py``), on the generic engine; ``--variants`` adds others:
+  ``dual-clip-subclass`` (the same objective as a ``ClipPPOLoss`` subclass overriding
+  ``forward``, ``tests/plugins/dual_clip_subclass.py``), ``rollback``, ``clip-higher`` (the
+  other surrogate examples) or any built-in; each non-``clip`` row gets ``vs_clip``;
 * ``plain-torch PPO`` -- :mod:`plain_ppo`, one seed (the yardstick the README ratios use).
 
 Every measurement is its own fresh process (one torch thread, evaluation off); the rows are
@@ -17,6 +20,7 @@ frames / the process's own timer, set-up included). Written to ``--out``.
 
     git worktree add /tmp/previous <commit>
     python benchmarks/engine_generic.py --baseline /tmp/previous [--seeds 5 10] [--frames 10240]
+    python benchmarks/engine_generic.py --variants clip dual-clip dual-clip-subclass --seeds 5
 """
 
 from __future__ import annotations
@@ -32,7 +36,13 @@ import pandas as pd
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-EXAMPLE = str(ROOT / "examples" / "dual_clip.py")
+PLUGINS = {"dual-clip": ROOT / "examples" / "dual_clip.py",
+           "rollback": ROOT / "examples" / "rollback.py",
+           "clip-higher": ROOT / "examples" / "clip_higher.py",
+           "dual-clip-subclass": ROOT / "tests" / "plugins" / "dual_clip_subclass.py"}
+"""Where the variants that are not built-ins come from."""
+BASELINE_VARIANTS = ("clip", "klpen-adaptive")
+"""The variants the previous engine (``--baseline``) implemented."""
 
 
 def _child(args) -> dict:
@@ -49,7 +59,7 @@ def _child(args) -> dict:
     from klppo_bench.config import build_run_config
     from klppo_bench.harness.batched import train_batched
 
-    plugins = (EXAMPLE,) if args.child == "dual-clip" else ()
+    plugins = (str(PLUGINS[args.child]),) if args.child in PLUGINS else ()
     overrides = {"eval.every": 0, "eval.episodes": 1}
     cfgs = [build_run_config(args.child, args.env, s, frames=args.frames, overrides=overrides,
                              plugins=plugins) for s in range(args.n)]
@@ -76,6 +86,11 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=10240, help="frames per seed")
     parser.add_argument("--seeds", type=int, nargs="*", default=[5, 10])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--no-plain", action="store_true",
+                        help="leave out the plain-torch row (and the vs_plain column)")
+    parser.add_argument("--variants", nargs="+", default=["clip", "klpen-adaptive", "dual-clip"],
+                        help="rows of the generic engine (clip is always measured: the "
+                             "others' vs_clip)")
     parser.add_argument("--out", default="results/perf/engine_generic.csv")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--n", type=int, default=1, help=argparse.SUPPRESS)
@@ -83,11 +98,12 @@ def main() -> None:
     if args.child:
         print(json.dumps(_child(args)))
         return
-    plan = [("plain-torch PPO", ROOT, "plain", 1)]
+    variants = list(dict.fromkeys(["clip", *args.variants]))
+    plan = [] if args.no_plain else [("plain-torch PPO", ROOT, "plain", 1)]
     for n in args.seeds:
-        for variant in ("clip", "klpen-adaptive", "dual-clip"):
+        for variant in variants:
             plan.append((f"generic {variant} S={n}", ROOT, variant, n))
-            if args.baseline and variant != "dual-clip":
+            if args.baseline and variant in BASELINE_VARIANTS:
                 plan.append((f"previous {variant} S={n}", Path(args.baseline), variant, n))
     rows = []
     for rep in range(args.repeats):
@@ -97,17 +113,17 @@ def main() -> None:
             print(f"repeat {rep}  {label:32}  {rows[-1]['sps']:8.0f} env-steps/s", flush=True)
     df = pd.DataFrame(rows)
     med = df.groupby("row", sort=False)["sps"].median().rename("median_sps").to_frame()
-    plain = float(med.loc["plain-torch PPO", "median_sps"])
-    med["vs_plain"] = med["median_sps"] / plain
+    if not args.no_plain:
+        med["vs_plain"] = med["median_sps"] / float(med.loc["plain-torch PPO", "median_sps"])
     for n in args.seeds:
-        for variant in ("clip", "klpen-adaptive"):
-            prev = f"previous {variant} S={n}"
+        for variant in variants:
+            row, prev = f"generic {variant} S={n}", f"previous {variant} S={n}"
             if prev in med.index:
-                med.loc[f"generic {variant} S={n}", "vs_previous"] = (
-                    med.loc[f"generic {variant} S={n}", "median_sps"] / med.loc[prev, "median_sps"])
-        med.loc[f"generic dual-clip S={n}", "vs_clip"] = (
-            med.loc[f"generic dual-clip S={n}", "median_sps"]
-            / med.loc[f"generic clip S={n}", "median_sps"])
+                med.loc[row, "vs_previous"] = med.loc[row, "median_sps"] / med.loc[prev,
+                                                                                   "median_sps"]
+            if variant != "clip":
+                med.loc[row, "vs_clip"] = (med.loc[row, "median_sps"]
+                                           / med.loc[f"generic clip S={n}", "median_sps"])
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     med.to_csv(args.out)
     df.to_csv(Path(args.out).with_suffix(".repeats.csv"), index=False)
