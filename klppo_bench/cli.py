@@ -153,6 +153,9 @@ def main(argv: list[str] | None = None) -> int:
         except ConfigError as err:
             print(f"klppo-bench: error: {err}", file=sys.stderr)
             return 2
+        except OSError as err:  # a write failed while running (disk full...): path + reason
+            print(f"klppo-bench: error: {err}", file=sys.stderr)
+            return 1
         except KeyboardInterrupt:
             interrupts.stopped()
             print("klppo-bench: interrupted", file=sys.stderr)

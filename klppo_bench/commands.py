@@ -51,11 +51,12 @@ def run_command(args) -> int:
                      Path(args.out).resolve().name)
     from klppo_bench.harness.batched import execute_batch
     from klppo_bench.plan import choose_engine
-    from klppo_bench.store import RunDir
+    from klppo_bench.store import RunDir, check_output_dir
 
     if args.checkpoint_every is not None and args.checkpoint_every < 1:
         raise ConfigError(f"--checkpoint-every={args.checkpoint_every} is invalid; "
                           "allowed: int >= 1")
+    check_output_dir(args.out, "--out")
     engine, reason = choose_engine(cfg, args.engine)
     if reason:
         print(f"reference engine: {reason}")

@@ -15,7 +15,9 @@ Every file is written to a temporary name in the same directory and renamed into
 name. ``status.json`` is written last with ``done``: a run is complete exactly when its
 status says so, and readers ignore every other run. A run found ``running`` with no live
 writer was interrupted; it is restarted from scratch (its stale files are removed first).
-Each run directory has one writer; nothing is shared between processes.
+Each run directory has one writer; nothing is shared between processes. How files are
+written and read (one-line errors: a full disk is recorded as the run's reason; parquet
+without Arrow's thread pools) is :mod:`klppo_bench.files`, re-exported here.
 
 Readers never let one damaged record hide the others: :func:`scan_runs` and
 :func:`load_tables` return the runs they could not read (file and error, as
@@ -25,12 +27,9 @@ Readers never let one damaged record hide the others: :func:`scan_runs` and
 from __future__ import annotations
 
 import contextlib
-import io
 import json
-import math
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,47 +38,12 @@ from typing import Any, Iterable
 import pandas as pd
 import yaml
 
+from klppo_bench.files import (  # noqa: F401 -- re-exported: the store's file functions
+    DISK_FULL, FILE_MODE, WriteError, atomic_write_bytes, atomic_write_json,
+    atomic_write_parquet, check_output_dir, parquet_bytes, read_parquet, write_error)
+
 STATES = ("pending", "running", "done", "failed")
-_UMASK = os.umask(0)
-os.umask(_UMASK)
 TABLES = ("metrics", "episodes", "evals")
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; results are shared files
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    return obj
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, json.dumps(_jsonable(obj), indent=2, sort_keys=True).encode())
-
-
-def atomic_write_parquet(path: Path, df: pd.DataFrame) -> None:
-    buf = io.BytesIO()
-    df.to_parquet(buf, index=False)
-    atomic_write_bytes(path, buf.getvalue())
 
 
 class RunDir:
@@ -156,15 +120,27 @@ class RunDir:
 
         The summary gains ``frames_requested`` (the config's ``frames``) and
         ``frames_actual`` (its ``frames``: what ran, rounded up to whole iterations).
+
+        If a file cannot be written (disk full...), the files written so far are removed and
+        the run is recorded ``failed`` with that :class:`WriteError` as its reason (``retry``:
+        the next sweep runs it again); it raises only when even that record cannot be written.
         """
-        for name, df in tables.items():
-            atomic_write_parquet(self.path / f"{name}.parquet", df)
         summary = dict(summary)
         if "frames" in summary:
             summary.setdefault("frames_actual", summary["frames"])
             with contextlib.suppress(FileNotFoundError, yaml.YAMLError, TypeError, KeyError):
                 summary.setdefault("frames_requested", self.config()["frames"])
-        atomic_write_json(self.path / "summary.json", summary)
+        try:
+            for name, df in tables.items():
+                atomic_write_parquet(self.path / f"{name}.parquet", df)
+            atomic_write_json(self.path / "summary.json", summary)
+        except OSError as err:
+            for name in [*tables, "summary"]:
+                for f in self.path.glob(f"{name}.*"):
+                    with contextlib.suppress(OSError):
+                        f.unlink()
+            self.fail(err, **fields)
+            return
         self.set_status("done", **fields)
 
     def write_record(self, files: dict[str, bytes]) -> None:
@@ -183,8 +159,15 @@ class RunDir:
         if "status.json" in names:
             atomic_write_bytes(self.path / "status.json", files["status.json"])
 
-    def fail(self, error: str, **fields: Any) -> None:
-        self.set_status("failed", error=error, **fields)
+    def fail(self, error: str | BaseException, **fields: Any) -> None:
+        """Record the run ``failed`` with ``error`` (a line, or the exception that ended it).
+        An ``OSError`` (a :class:`WriteError`: results that could not be written, disk
+        full...) is the machine's fault, not the run's: the status gets ``retry: true`` and the
+        next sweep reruns it; any other failure gets ``retry: false``."""
+        retry = isinstance(error, OSError)
+        if isinstance(error, BaseException):
+            error = f"{type(error).__name__}: {error}"
+        self.set_status("failed", error=error, **{"retry": retry, **fields})
 
     def set_progress(self, row: dict, total_frames: int, started: float,
                      frames_at_start: int = 0) -> None:
@@ -205,7 +188,7 @@ class RunDir:
         atomic_write_json(self.path / "status.json", current)
 
     def table(self, name: str) -> pd.DataFrame:
-        return pd.read_parquet(self.path / f"{name}.parquet")
+        return read_parquet(self.path / f"{name}.parquet")
 
     def summary(self) -> dict:
         return json.loads((self.path / "summary.json").read_text())
@@ -351,7 +334,7 @@ def _concat_long(frames: list[pd.DataFrame]) -> pd.DataFrame:
 
 def read_table(path: Path | str, required: Iterable[str] = ("frames",)) -> pd.DataFrame:
     """One run table; ValueError when a ``required`` column is missing or it has no row."""
-    df = pd.read_parquet(path)
+    df = read_parquet(path)
     missing = [c for c in required if c not in df.columns]
     if missing:
         raise ValueError(f"missing columns: {', '.join(missing)} (has: "
@@ -388,7 +371,7 @@ def load_experiment(exp_dir: Path | str, table: str = "metrics") -> pd.DataFrame
     that cannot be read raises; :func:`load_tables` lists such runs instead.
     """
     index = run_index(exp_dir, states=("done",))
-    return _concat_long([_long(pd.read_parquet(Path(row.path) / f"{table}.parquet"), row)
+    return _concat_long([_long(read_parquet(Path(row.path) / f"{table}.parquet"), row)
                          for row in index.itertuples()])
 
 

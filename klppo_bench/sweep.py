@@ -29,11 +29,16 @@ from klppo_bench.spec import PlannedRun, _bad, expand, load_spec
 
 
 def run_state(exp_dir: Path, run_id: str) -> str:
-    """done | failed | running | pending | missing | unreadable (from the run's status.json;
-    an unreadable one, damaged in any way, is trained again)."""
+    """done | failed | running | pending | missing | unreadable (from the run's status.json).
+    A run that failed because its results could not be written (disk full: ``retry`` in its
+    status) is ``pending``: the next sweep runs it again, without ``--retry-failed``. An
+    unreadable status (damaged in any way) is trained again."""
     from klppo_bench.store import RunDir
 
     run = RunDir(exp_dir / "runs" / run_id)
+    status = run.status()
+    if isinstance(status, dict) and status.get("state") == "failed" and status.get("retry"):
+        return "pending"
     state = run.state()
     if state is not None:
         return state
@@ -199,6 +204,9 @@ def main_sweep(args) -> int:
                      plugins=tuple(args.plugin), device=args.device)
     runs = expand(spec)
     exp_dir = Path(args.results) / spec.name
+    from klppo_bench.store import check_output_dir
+
+    check_output_dir(exp_dir, "--results")
     cli_loggers = getattr(args, "logger", None)  # --logger replaces the spec's loggers
     log = log_target(parse_loggers(cli_loggers, "--logger") if cli_loggers else spec.loggers,
                      getattr(args, "log_dir", None), exp_dir, spec.name,
@@ -323,6 +331,12 @@ def _finish(name: str, runs: list[PlannedRun], exp_dir: Path, ran: int) -> int:
         print("  (rerun with --retry-failed to retry them)", file=sys.stderr)
     elif failed:
         print("  (--retry-failed reruns them)", file=sys.stderr)
+    for r in runs:  # failed for where they write (disk full): rerun by the next sweep
+        status = RunDir(exp_dir / "runs" / r.run_id).status()
+        if states[r.run_id] == "pending" and isinstance(status, dict) and status.get("error"):
+            print(f"  not finished: {r.run_id}  {r.setting}  {r.config.env}  seed "
+                  f"{r.config.seed}: {status['error']} (the next sweep reruns it)",
+                  file=sys.stderr)
     unfinished = len(runs) - len(failed) - sum(s == "done" for s in states.values())
     return 1 if failed or unfinished else 0
 

@@ -61,7 +61,13 @@ def _worker_main(job: list[dict], exp_dir: str, conn, sweep_pid: int) -> None:
             except OSError:  # the sweep went away; the run still finishes on disk
                 pass
 
-    execute_job(job, exp_dir, on_event=send if conn is not None else None)
+    try:
+        execute_job(job, exp_dir, on_event=send if conn is not None else None)
+    except OSError as err:  # not even the failure could be recorded (disk full): one line
+        import sys
+
+        print(f"klppo-bench: worker: {err}", file=sys.stderr, flush=True)
+        sys.exit(1)
 
 
 def _death_reason(exitcode: int | None) -> str:

@@ -73,6 +73,8 @@ def _execute(job: list[dict], cfgs: list[RunConfig], exp_dir: Path | str,
             execute_batch(cfgs, exp_dir, settings=[entry["setting"] for entry in job],
                           write=[entry.get("write", True) for entry in job],
                           raise_errors=True, **options)
+        except OSError:  # results not written (disk full): the worker says so and ends
+            raise
         except Exception as err:  # noqa: BLE001 -- recorded on the runs already
             _train_lanes_alone(job, cfgs, exp_dir, err, options)
     else:

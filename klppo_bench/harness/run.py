@@ -44,7 +44,7 @@ def execute_run(cfg: RunConfig, exp_dir: Path | str, progress: bool | None = Non
     try:
         result = train(cfg, progress=progress, on_iteration=hook)
     except Exception as err:  # recorded, not lost: the sweep reports it
-        run.fail(f"{type(err).__name__}: {err}", traceback=traceback.format_exc(limit=8),
+        run.fail(err, traceback=traceback.format_exc(limit=8),
                  seconds=time.time() - t0)
         if raise_errors:
             raise

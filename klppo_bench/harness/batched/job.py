@@ -80,7 +80,7 @@ def execute_batch(cfgs: list[RunConfig], exp_dir: Path | str, progress: bool | N
                                 checkpoint=checkpoint, loss_calls=loss_calls)
     except Exception as err:  # recorded on every seed being written, not lost
         for i in writing:
-            runs[i].fail(f"{type(err).__name__}: {err}", traceback=traceback.format_exc(limit=8),
+            runs[i].fail(err, traceback=traceback.format_exc(limit=8),
                          seconds=time.time() - t0)
         if raise_errors:
             raise
