@@ -15,6 +15,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import seaborn as sns  # noqa: E402
 
+from klppo_bench.files import FILE_MODE, write_error  # noqa: E402
+
 COLUMN_WIDTH = 3.3   # inches: one column of a two-column paper
 DOUBLE_WIDTH = 6.9   # inches: both columns
 LINESTYLES = ("-", "--", ":", "-.")
@@ -67,13 +69,18 @@ def save_figure(fig, stem: Path) -> list[Path]:
     paths = []
     for ext in ("pdf", "png"):
         final = stem.with_suffix(f".{ext}")
-        fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=f".{ext}", dir=stem.parent)
-        os.close(fd)
+        tmp = None
         try:
+            fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=f".{ext}",
+                                       dir=stem.parent)
+            os.fchmod(fd, FILE_MODE)  # mkstemp makes 0600; every other result is 0644
+            os.close(fd)
             fig.savefig(tmp, format=ext, dpi=300, bbox_inches="tight", pad_inches=0.02)
             os.replace(tmp, final)
+        except OSError as err:
+            raise write_error(final, err) from err
         finally:
-            if os.path.exists(tmp):
+            if tmp is not None and os.path.exists(tmp):
                 os.unlink(tmp)
         paths.append(final)
     plt.close(fig)
