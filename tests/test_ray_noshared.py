@@ -47,7 +47,7 @@ def assert_same(a: dict, b: dict) -> None:
 def csv_logs(exp_dir: Path) -> dict[str, str]:
     root = exp_dir / "logs"
     return {p.relative_to(root).as_posix(): p.read_text()
-            for p in sorted(root.rglob("*.csv"))}
+            for p in sorted(root.rglob("*.csv")) if p.stem not in TIMING}
 
 
 def test_ray_tasks_that_cannot_see_the_results_send_them_back_bit_for_bit(tmp_path):
@@ -59,14 +59,17 @@ def test_ray_tasks_that_cannot_see_the_results_send_them_back_bit_for_bit(tmp_pa
     # driver: the remote function is given no results path at all; it trains in a scratch
     # directory of its node and the driver's store writes what it sends back
     assert cli.main(["sweep", *common, "--results", str(tmp_path / "ray"), "--backend", "ray",
-                     "--ray-storage", "driver", "--keep-checkpoints"]) == 0
+                     "--ray-storage", "driver", "--checkpoint-every", "1",
+                     "--keep-checkpoints"]) == 0
     local, ray = tmp_path / "local" / "tiny", tmp_path / "ray" / "tiny"
     assert_same(tables(ray), tables(local))
     for run in experiment_runs(ray):
         status = run.status()
         assert status["state"] == "done" and status["attempts"] == 1
-        assert run.summary() == next(r for r in experiment_runs(local)
-                                     if r.run_id == run.run_id).summary()
+        twin = next(r for r in experiment_runs(local) if r.run_id == run.run_id)
+        untimed = [{k: v for k, v in r.summary().items() if k not in ("wall_seconds", "sps")}
+                   for r in (run, twin)]
+        assert untimed[0] == untimed[1]
     assert csv_logs(ray) == csv_logs(local) and csv_logs(ray)  # the file loggers' too
     assert [p.name for p in (ray / "checkpoints").glob("job-*.pt")]  # kept: sent back
     assert not (ray / ".ray-token").exists()
@@ -78,6 +81,14 @@ def test_sees_results_only_with_the_drivers_token(tmp_path):
     assert not sees_results(str(tmp_path), "other")  # another directory at the same path
     assert not sees_results(str(tmp_path / "missing"), "abc")
     assert not sees_results(None, "abc")
+
+
+def test_shared_storage_refuses_a_node_that_cannot_see_the_results(tmp_path):
+    from klppo_bench.backends.ray_backend import _ray_job
+
+    with pytest.raises(RuntimeError, match=r"--ray-storage shared: node .* cannot see or "
+                                           r"write .*elsewhere; allowed: a path every node"):
+        _ray_job([], str(tmp_path / "elsewhere"), "token", "shared", None, False, None)
 
 
 class Killed(BaseException):
