@@ -173,19 +173,15 @@ class Reacher(Task):
         return obs, reward, np.zeros(len(subs), dtype=bool)
 
 
-TASKS: dict[str, type[Task]] = {
-    "hopper_v5": Locomotion, "walker2d_v5": Locomotion, "half_cheetah_v5": Locomotion,
-    "swimmer_v5": Locomotion, "inverted_pendulum_v5": InvertedPendulum,
-    "inverted_double_pendulum_v5": InvertedDoublePendulum, "reacher_v5": Reacher,
+TASKS: dict[str, tuple[str, type[Task]]] = {
+    "hopper_v5": ("HopperEnv", Locomotion), "walker2d_v5": ("Walker2dEnv", Locomotion),
+    "half_cheetah_v5": ("HalfCheetahEnv", Locomotion), "swimmer_v5": ("SwimmerEnv", Locomotion),
+    "inverted_pendulum_v5": ("InvertedPendulumEnv", InvertedPendulum),
+    "inverted_double_pendulum_v5": ("InvertedDoublePendulumEnv", InvertedDoublePendulum),
+    "reacher_v5": ("ReacherEnv", Reacher),
 }
-"""gymnasium module (``gymnasium.envs.mujoco.<name>``) -> its task."""
-
-CLASS_NAMES = {"hopper_v5": "HopperEnv", "walker2d_v5": "Walker2dEnv",
-               "half_cheetah_v5": "HalfCheetahEnv", "swimmer_v5": "SwimmerEnv",
-               "inverted_pendulum_v5": "InvertedPendulumEnv",
-               "inverted_double_pendulum_v5": "InvertedDoublePendulumEnv",
-               "reacher_v5": "ReacherEnv"}
-"""The env class each module defines (a subclass elsewhere is not reproduced)."""
+"""gymnasium module (``gymnasium.envs.mujoco.<module>``) -> (the env class it defines, its task);
+a subclass defined elsewhere is not reproduced."""
 
 
 def _module(base) -> str:
@@ -195,8 +191,7 @@ def _module(base) -> str:
 def task_class(base) -> type[Task] | None:
     """The task that reproduces gymnasium's env ``base`` (unwrapped), or ``None``."""
     module = _module(base)
-    if type(base).__module__ != f"gymnasium.envs.mujoco.{module}":
+    if type(base).__module__ != f"gymnasium.envs.mujoco.{module}" or module not in TASKS:
         return None
-    if CLASS_NAMES.get(module) != type(base).__name__:
-        return None
-    return TASKS[module]
+    class_name, task = TASKS[module]
+    return task if type(base).__name__ == class_name else None

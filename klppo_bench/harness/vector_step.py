@@ -30,7 +30,7 @@ from typing import Protocol
 
 import numpy as np
 
-from klppo_bench.harness.mujoco_tasks import CLASS_NAMES, SubEnv, task_class
+from klppo_bench.harness.mujoco_tasks import TASKS, SubEnv, task_class
 
 
 def make_sub_env(env_id: str):
@@ -114,7 +114,7 @@ def fast_stepper_reason(env_id: str) -> str | None:
         task = task_class(base)
         if task is None:
             return (f"{env_id}: {type(base).__name__} is not one of "
-                    f"{sorted(CLASS_NAMES.values())} (v5)")
+                    f"{sorted(name for name, _ in TASKS.values())} (v5)")
         why = task.unsupported(base)
         if why is not None:
             return f"{env_id}: {why}"
