@@ -205,17 +205,10 @@ def _variant_entry(raw: Any, where: str) -> dict:
             "label": label}
 
 
-def load_spec(path: str | Path, envs: list[str] | None = None, seeds: int | None = None,
-              frames: int | None = None, plugins: tuple[str, ...] = (),
-              device: str = "cpu") -> Spec:
-    """Read and type-check a spec; ``envs``/``seeds``/``frames`` replace the spec's values.
-
-    Raises:
-        ConfigError: naming the file, the key and the allowed values.
-    """
-    path = Path(path)
+def _read_yaml(path: Path) -> Any:
+    """The parsed YAML of a spec file; ConfigError in one line when it cannot be read."""
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such spec file; allowed: a YAML file such as "
                           "experiments/bench.yaml") from None
@@ -229,6 +222,35 @@ def load_spec(path: str | Path, envs: list[str] | None = None, seeds: int | None
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
         raise ConfigError(f"{path}: YAML syntax error{at}: {problem}") from None
+
+
+def _spec_envs(spec: dict, envs: list[str] | None, where: str) -> list[str]:
+    """The env ids of a spec (or of ``--env``), each resolved and checked."""
+    if envs:
+        env_ids = [resolve_env_id(e, where="--env") for e in envs]
+    else:
+        raw_envs = spec.get("envs")
+        if not isinstance(raw_envs, list) or not raw_envs \
+                or not all(isinstance(e, str) for e in raw_envs):
+            raise _bad(f"{where}: envs", raw_envs,
+                       "a non-empty list of gymnasium ids or families, e.g. [Hopper]"
+                       + (" (empty grid)" if raw_envs == [] else ""))
+        env_ids = [resolve_env_id(e, where=f"{where}: envs") for e in raw_envs]
+    for env_id in dict.fromkeys(env_ids):
+        check_env(env_id, "--env" if envs else f"{where}: envs")
+    return env_ids
+
+
+def load_spec(path: str | Path, envs: list[str] | None = None, seeds: int | None = None,
+              frames: int | None = None, plugins: tuple[str, ...] = (),
+              device: str = "cpu") -> Spec:
+    """Read and type-check a spec; ``envs``/``seeds``/``frames`` replace the spec's values.
+
+    Raises:
+        ConfigError: naming the file, the key and the allowed values.
+    """
+    path = Path(path)
+    raw = _read_yaml(path)
     where = str(path)
     spec = _check_keys(raw if raw is not None else {}, TOP_KEYS, where)
     name = spec.get("name", path.stem)
@@ -251,18 +273,7 @@ def load_spec(path: str | Path, envs: list[str] | None = None, seeds: int | None
     spec_plugins = [plugin_target(p, base=path.parent) for p in spec_plugins]
     all_plugins = tuple(dict.fromkeys([*spec_plugins, *plugins]))
 
-    if envs:
-        env_ids = [resolve_env_id(e, where="--env") for e in envs]
-    else:
-        raw_envs = spec.get("envs")
-        if not isinstance(raw_envs, list) or not raw_envs \
-                or not all(isinstance(e, str) for e in raw_envs):
-            raise _bad(f"{where}: envs", raw_envs,
-                       "a non-empty list of gymnasium ids or families, e.g. [Hopper]"
-                       + (" (empty grid)" if raw_envs == [] else ""))
-        env_ids = [resolve_env_id(e, where=f"{where}: envs") for e in raw_envs]
-    for env_id in dict.fromkeys(env_ids):
-        check_env(env_id, "--env" if envs else f"{where}: envs")
+    env_ids = _spec_envs(spec, envs, where)
     if seeds is not None:
         seed_list = _seed_list(seeds, "--seeds")
     elif "seeds" in spec:

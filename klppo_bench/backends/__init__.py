@@ -22,10 +22,10 @@ results. ``on_event`` (optional) receives live progress events from workers:
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Protocol
 
+from klppo_bench.backends.cores import default_workers  # noqa: F401 -- re-exported
 from klppo_bench.errors import ConfigError
 
 Job = list  # list of {"config": dict, "setting": str}
@@ -34,14 +34,6 @@ BACKENDS = ("local", "ray")
 
 class Backend(Protocol):
     def run(self, jobs: Iterable[Job]) -> Iterator[dict]: ...
-
-
-def default_workers() -> int:
-    """The cores this process may use (its CPU affinity, not the host's count)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 def make_backend(name: str, exp_dir: Path, workers: int | None = None,

@@ -86,7 +86,7 @@ class LocalBackend:
 
     def __init__(self, exp_dir: Path | str, workers: int | None = None,
                  on_event: Callable[[dict], None] | None = None):
-        from klppo_bench.backends import default_workers
+        from klppo_bench.backends.cores import default_workers
 
         self.exp_dir = str(Path(exp_dir).resolve())
         self.workers = workers or default_workers()

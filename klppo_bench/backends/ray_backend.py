@@ -58,7 +58,7 @@ class RayBackend:
     def __init__(self, exp_dir: Path | str, workers: int | None = None,
                  address: str | None = None,
                  on_event: Callable[[dict], None] | None = None, storage: str = "auto"):
-        from klppo_bench.backends import default_workers
+        from klppo_bench.backends.cores import default_workers
 
         self.exp_dir = Path(exp_dir).resolve()
         self.workers = workers or default_workers()
