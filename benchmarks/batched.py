@@ -12,12 +12,21 @@ its own; in the same benchmark run it measures:
   this row and ``2 x plain-torch`` are interleaved and repeated (``--repeats``, medians);
 * ``klppo-bench sweep``        -- the real 2-worker sweep command of 2k seeds, wall clock.
 
+With ``--compare-steppers`` it measures only the environment steppers
+(:mod:`klppo_bench.harness.vector_step`): gymnasium's ``SyncVectorEnv`` against the direct MuJoCo
+stepper, each stepping alone (k sub-envs, random actions, ``--stepping-steps`` vector steps) and
+inside ``batched S=k``, interleaved (the order alternating) and repeated ``--repeats`` times; it
+prints the medians and the ratio of each repeat (measured one right after the other), by wall
+clock and per CPU second of the process (``cpu_sps``: on a machine loaded by other work, the
+steadier measure).
+
 Total env-steps/s = all seeds' frames / the slowest process's own timer (setup included,
 interpreter start-up not; the sweep row: the command's wall clock). Each row gets its ratio
 to the single plain-torch loop, to raw stepping and to the median of the concurrent
 plain-torch pairs; the table is printed and written to ``--out``. Not part of the test suite.
 
     python benchmarks/batched.py --env Hopper [--seeds 1 2 4 8 16 32] [--frames 10240]
+    python benchmarks/batched.py --env Swimmer --compare-steppers --seeds 5 --repeats 3
 """
 
 from __future__ import annotations
@@ -33,6 +42,8 @@ from pathlib import Path
 import pandas as pd
 
 HERE = Path(__file__).resolve().parent
+STEPPERS = {"gymnasium": "gymnasium", "direct": "mujoco-direct"}
+"""``--stepper`` choice -> the stepper's name in provenance."""
 sys.path.insert(0, str(HERE))
 
 
@@ -42,24 +53,38 @@ def _child(args) -> dict:
 
     torch.set_num_threads(1)
     overrides = {"eval.every": 0, "eval.episodes": 1}
-    if args.child == "raw":
+    from klppo_bench.harness import vector_step
+
+    if args.stepper == "gymnasium":  # what make_stepper and the provenance then choose
+        vector_step.fast_stepper_reason = lambda env_id: "benchmark: --stepper gymnasium"
+    if args.child == "stepper":
+        import numpy as np
+
+        stepper = vector_step.make_stepper(args.env, args.n)
+        stepper.reset(list(range(args.n)))
+        rng = np.random.default_rng(0)
+        t0, cpu0 = time.perf_counter(), time.process_time()
+        for _ in range(args.stepping_steps):
+            stepper.step(rng.uniform(-1, 1, (args.n, stepper.action_dim)).astype(np.float32))
+        frames = args.stepping_steps * args.n
+    elif args.child == "raw":
         from throughput import raw_gym_sps
 
         steps = args.frames
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         raw_gym_sps(args.env, steps)
         frames = steps
     elif args.child == "plain":
         from plain_ppo import run_plain_ppo
 
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         frames = run_plain_ppo(args.env, args.frames)["frames"]
     elif args.child == "reference":
         from klppo_bench.config import build_run_config
         from klppo_bench.harness.reference import train
 
         cfg = build_run_config(args.variant, args.env, 0, frames=args.frames, overrides=overrides)
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         frames = train(cfg, progress=False).summary["frames"]
     else:
         from klppo_bench.config import build_run_config
@@ -67,18 +92,21 @@ def _child(args) -> dict:
 
         cfgs = [build_run_config(args.variant, args.env, args.seed0 + s, frames=args.frames,
                                  overrides=overrides) for s in range(args.n)]
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         results = train_batched(cfgs, progress=False)
         frames = sum(r.summary["frames"] for r in results if not isinstance(r, Exception))
-    seconds = time.perf_counter() - t0
+    seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - cpu0
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"frames": frames, "seconds": seconds, "rss_mb": rss_mb}
+    return {"frames": frames, "seconds": seconds, "cpu_seconds": cpu_seconds, "rss_mb": rss_mb,
+            "stepper": vector_step.stepper_name(args.env)}
 
 
-def _spawn(kind: str, args, n: int = 1, seed0: int = 0, frames: int | None = None) -> subprocess.Popen:
+def _spawn(kind: str, args, n: int = 1, seed0: int = 0, frames: int | None = None,
+           stepper: str = "direct") -> subprocess.Popen:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", kind, "--env", args.env,
            "--variant", args.variant, "--frames", str(frames or args.frames), "--n", str(n),
-           "--seed0", str(seed0)]
+           "--seed0", str(seed0), "--stepper", stepper,
+           "--stepping-steps", str(args.stepping_steps)]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
 
 
@@ -93,10 +121,11 @@ def _collect(procs: list[subprocess.Popen]) -> list[dict]:
 
 
 def measure(name: str, kind: str, args, seeds: int = 1, processes: int = 1,
-            frames: int | None = None) -> dict:
+            frames: int | None = None, stepper: str = "direct") -> dict:
     """Start ``processes`` children at once (each ``seeds`` seeds) and time them together."""
     t0 = time.perf_counter()
-    procs = [_spawn(kind, args, seeds, seed0=k * seeds, frames=frames) for k in range(processes)]
+    procs = [_spawn(kind, args, seeds, seed0=k * seeds, frames=frames, stepper=stepper)
+             for k in range(processes)]
     results = _collect(procs)
     wall = time.perf_counter() - t0
     total = sum(r["frames"] for r in results)
@@ -105,7 +134,10 @@ def measure(name: str, kind: str, args, seeds: int = 1, processes: int = 1,
     row = {"name": name, "seeds_per_process": seeds, "processes": processes,
            "frames_total": total, "seconds": seconds, "total_sps": total / seconds,
            "per_seed_sps": total / seconds / (seeds * processes) if kind != "raw" else total / seconds,
-           "peak_rss_mb": max(r["rss_mb"] for r in results), "wall_with_startup": wall}
+           "peak_rss_mb": max(r["rss_mb"] for r in results), "wall_with_startup": wall,
+           "stepper": results[0]["stepper"],
+           # the process's own CPU time: what a loaded machine disturbs least
+           "cpu_sps": total / max(r["cpu_seconds"] for r in results)}
     print(f"  {name}: {row['total_sps']:,.0f} env-steps/s, {row['peak_rss_mb']:.0f} MB",
           file=sys.stderr, flush=True)
     return row
@@ -139,6 +171,45 @@ def measure_sweep(args, seeds: int, frames: int) -> dict:
     return row
 
 
+def compare_steppers(args) -> pd.DataFrame:
+    """Gymnasium's stepper against the direct one: stepping alone and ``batched S=k``, for
+    each k in ``--seeds``, interleaved and repeated; each repeat's ratio is direct/gymnasium."""
+    rows = []
+    for k in range(args.repeats):
+        order = ("gymnasium", "direct") if k % 2 == 0 else ("direct", "gymnasium")
+        for n in args.seeds:
+            for kind, label in (("stepper", f"stepping only, {n} sub-envs"),
+                                ("batched", f"batched S={n}")):
+                pair = {st: measure(f"{label}, {st}", kind, args, seeds=n, stepper=st)
+                        for st in order}
+                for st, row in pair.items():
+                    row.update(name=label, repeat=k, requested=st)
+                    if row["stepper"] != STEPPERS[st]:
+                        raise RuntimeError(f"{args.env}: asked for {st}, ran {row['stepper']}")
+                for col in ("total_sps", "cpu_sps"):
+                    pair["direct"][f"vs_gymnasium_{col}"] = (pair["direct"][col]
+                                                             / pair["gymnasium"][col])
+                rows += [pair["gymnasium"], pair["direct"]]
+    df = pd.DataFrame(rows)
+    df["env"], df["variant"], df["frames_per_seed"] = args.env, args.variant, args.frames
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    df.to_csv(out, index=False)
+    from throughput import machine_note
+
+    print(f"env-steps/s on {args.env}, {args.variant}, {args.frames} frames per seed, "
+          f"{args.repeats} interleaved repeats ({machine_note()})")
+    for name, g in df.groupby("name", sort=False):
+        for col, what in (("total_sps", "wall clock"), ("cpu_sps", "per CPU second")):
+            med = g.groupby("requested")[col].median()
+            ratios = g[f"vs_gymnasium_{col}"].dropna()
+            print(f"  {name}, {what}: gymnasium {med['gymnasium']:,.0f}, direct "
+                  f"{med['direct']:,.0f}; direct/gymnasium per repeat "
+                  f"{', '.join(f'{r:.2f}' for r in ratios)}, median {ratios.median():.2f}x")
+    print(f"written: {out}")
+    return df
+
+
 def main(argv: list[str] | None = None) -> pd.DataFrame:
     parser = argparse.ArgumentParser(description="total env-steps/s of the seed-batched engine")
     parser.add_argument("--env", default="Hopper")
@@ -153,10 +224,18 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     parser.add_argument("--repeats", type=int, default=5,
                         help="interleaved repeats of the 2-worker comparison (median reported)")
     parser.add_argument("--no-reference", action="store_true", help="skip the torchrl engine row")
-    parser.add_argument("--out", default="results/perf/batched.csv")
+    parser.add_argument("--compare-steppers", action="store_true",
+                        help="measure only gymnasium's stepper against the direct MuJoCo one")
+    parser.add_argument("--stepping-steps", type=int, default=2000,
+                        help="vector steps of the stepping-only rows of --compare-steppers")
+    parser.add_argument("--out", default=None,
+                        help="CSV written (default results/perf/batched.csv, or "
+                        "results/perf/steppers_<env>.csv with --compare-steppers)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--n", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--seed0", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--stepper", choices=sorted(STEPPERS), default="direct",
+                        help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     from klppo_bench.config import resolve_env_id
 
@@ -164,6 +243,10 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     if args.child:
         print(json.dumps(_child(args)))
         return pd.DataFrame()
+    if args.compare_steppers:
+        args.out = args.out or f"results/perf/steppers_{args.env}.csv"
+        return compare_steppers(args)
+    args.out = args.out or "results/perf/batched.csv"
 
     import torch
     from throughput import machine_note
