@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-__all__ = ["load_curves", "load_runs", "normalized_scores", "plot_curves", "report",
+__all__ = ["load_curves", "load_runs", "normalized_scores", "plot_curves", "make_report",
            "score_matrices", "__version__"]
 
 

@@ -189,7 +189,7 @@ def plot_curves(curves: pd.DataFrame, metric: str | None = None, env: str | None
                                    f"{env}: {statistic} over runs", ylabel=metric)
 
 
-def report(path: Path | str, out: Path | str | None = None,
+def make_report(path: Path | str, out: Path | str | None = None,
            compare_to: Path | str | None = None, reps: int = 2000, baseline: str = "clip"):
     """Build the full report of an experiment (``klppo-bench report``): scores, rliable
     aggregates, tables and figures under ``out`` (default ``<path>/report``). Returns the

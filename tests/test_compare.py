@@ -157,3 +157,12 @@ def test_api_errors_are_one_line(experiments, tmp_path):
         kb.load_runs(tmp_path)
     with pytest.raises(ConfigError, match="not in the runs' metrics tables; allowed"):
         kb.load_curves(experiments / "mine", metric="no_such_metric")
+
+
+def test_make_report_survives_the_report_package_import(experiments, tmp_path):
+    """``kb.make_report`` is not shadowed by the ``klppo_bench.report`` subpackage."""
+    import klppo_bench.report  # noqa: F401 -- sets the package attribute klppo_bench.report
+
+    rep = kb.make_report(experiments / "mine", out=tmp_path / "r", reps=20)
+    assert (tmp_path / "r" / "report.md").is_file() and len(rep.scores) == 4
+    assert callable(kb.make_report)
