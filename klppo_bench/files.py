@@ -121,12 +121,17 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 def parquet_bytes(df: pd.DataFrame) -> bytes:
     """``df`` (its index left out) as a parquet file's bytes, encoded on the calling thread.
 
-    Parquet goes through this and :func:`read_parquet`, never pandas' own parquet functions:
-    those start Arrow's CPU and I/O thread pools, and a process whose pools were started can
-    abort after its work is done, at exit (``terminate called without an active exception``,
-    exit 134; pyarrow 26.0.1, ``benchmarks/exit_abort.py``). Here the file's bytes are read
-    and written by Python and Arrow encodes and decodes them in memory without threads, so
-    the pools are never started. Same tables, same dtypes."""
+    Parquet goes through this and :func:`read_parquet`, never pandas' own parquet functions.
+    ``pandas.read_parquet`` of a local path opens the file in Python and reads it through
+    Arrow's dataset scanner, whose read-ahead runs on Arrow's thread pools and can release
+    its last buffers (Python objects) on a pool thread after the read has returned. If that
+    happens while the interpreter finalizes at exit, the thread's ``PyGILState_Ensure`` makes
+    CPython end it with ``pthread_exit``; the forced unwind meets a ``noexcept`` destructor
+    and the process aborts after its work is done (``terminate called without an active
+    exception``, exit 134; core dump of pyarrow 26.0.1 under Python 3.11, about 1 in 100
+    processes that import torch, ``benchmarks/exit_abort.py``). Here Python reads and writes
+    the bytes and Arrow encodes and decodes them in memory on the calling thread: the pools
+    never start, no other thread ever holds a buffer. Same tables, same dtypes."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 

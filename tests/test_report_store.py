@@ -16,7 +16,7 @@ from klppo_bench.report.build import ReportOptions, build_report
 from klppo_bench.report.draw import kl_ratio_and_beta
 from klppo_bench.report.tables import MARK_LEGEND, mark_mask, to_latex, to_markdown
 from klppo_bench.stats.random_policy import CACHE_NAME, cache_key
-from klppo_bench.store import RunDir, load_tables, run_index, scan_runs
+from klppo_bench.store import RunDir, atomic_write_parquet, load_tables, run_index, scan_runs
 
 RANDOM_EPISODES = 5
 ENV = "Hopper-v5"
@@ -70,8 +70,8 @@ def test_damaged_records_are_listed_and_the_rest_reported(experiment, capsys):
     (runs["clip-s0-reference"] / "metrics.parquet").write_bytes(b"garbage, not parquet")
     (runs["clip-s1-reference"] / "status.json").write_text("{not json")
     (runs["no-clip-s0-reference"] / "metrics.parquet").unlink()
-    pd.DataFrame({"frames": [256], "kl": [0.1]}).to_parquet(
-        runs["no-clip-s1-reference"] / "metrics.parquet")          # no episode_return
+    atomic_write_parquet(runs["no-clip-s1-reference"] / "metrics.parquet",
+                         pd.DataFrame({"frames": [256], "kl": [0.1]}))  # no episode_return
     (runs["no-clip-s2-reference"] / "summary.json").write_text("[1, 2]")  # not an object
     (experiment / "runs" / "bad-config").mkdir()
     (experiment / "runs" / "bad-config" / "status.json").write_text('{"state": "done"}')

@@ -172,8 +172,11 @@ def _read(path: Path, run_ids: list[str]) -> tuple[dict | None, str]:
 def encode(obj, where: str = "checkpoint"):
     """``obj`` as what ``torch.load(weights_only=True)`` reads back: tensors, numbers,
     strings, bytes, ``None`` and plain containers as they are (``str`` subclasses as their
-    text); numpy arrays and scalars tagged (their bytes, dtype and shape). Anything else is a bug of the caller: ``TypeError`` naming it."""
-    if obj is None or type(obj) in (bool, int, float, str, bytes) or isinstance(obj, torch.Tensor):
+    text); numpy arrays and scalars tagged (their bytes, dtype and shape). Anything else is
+    a bug of the caller: ``TypeError`` naming it."""
+    if obj is None or type(obj) in (bool, int, float, str, bytes):
+        return obj
+    if isinstance(obj, torch.Tensor):
         return obj
     if isinstance(obj, (np.ndarray, np.generic)) and not obj.dtype.hasobject:
         return {_ARRAY: obj.tobytes(), "dtype": obj.dtype.str, "shape": list(np.shape(obj)),
