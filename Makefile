@@ -20,6 +20,8 @@ DEVICE ?= cpu
 ENGINE ?= auto
 TORCH  ?= torch==2.13.0
 PYTEST_ARGS ?=
+# test processes (pytest-xdist, one test file per process; 0 runs the suite in this process)
+TEST_WORKERS ?= 2
 
 SWEEP_ARGS := $(if $(ENV),--env $(ENV)) --backend $(BACKEND) --results $(RESULTS) --device $(DEVICE) \
 	--engine $(ENGINE) \
@@ -52,7 +54,7 @@ variants: install
 	$(BIN)/klppo-bench variants
 
 test: install
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 # PERF_BASELINE=<checkout of an older commit> adds that engine's rows to engine_generic.py
 PERF_BASELINE ?=

@@ -35,3 +35,23 @@ def fresh_registry(monkeypatch):
     monkeypatch.setattr(registry, "_WARNED", set())
     monkeypatch.setattr(registry, "_ENTRY_POINTS_LOADED", registry._ENTRY_POINTS_LOADED)
     return registry
+
+
+@pytest.fixture
+def one_ray_cluster_at_a_time(tmp_path_factory):
+    """``make test`` runs two pytest-xdist workers. Two local Ray clusters starting at once on a
+    2-core machine can miss Ray's own start-up timeouts (its dashboard agent waits ~15 s), so
+    the tests that start one take a file lock shared by the workers of this session."""
+    import fcntl
+    import os
+
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        yield
+        return
+    lock = tmp_path_factory.getbasetemp().parent / "ray-cluster.lock"  # shared by the workers
+    with open(lock, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -199,6 +199,7 @@ def test_failed_and_killed_runs_are_isolated_reported_and_retried(tmp_path, caps
         assert retried[variant][1]["failed_at"] > first[variant][1]["failed_at"]
 
 
+@pytest.mark.usefixtures("one_ray_cluster_at_a_time")
 def test_ray_backend_matches_local(reference, tmp_path):
     pytest.importorskip("ray")
     # the same command as the reference fixture, so the same seed-batched jobs (S=2)

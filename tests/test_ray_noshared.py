@@ -50,6 +50,7 @@ def csv_logs(exp_dir: Path) -> dict[str, str]:
             for p in sorted(root.rglob("*.csv")) if p.stem not in TIMING}
 
 
+@pytest.mark.usefixtures("one_ray_cluster_at_a_time")
 def test_ray_tasks_that_cannot_see_the_results_send_them_back_bit_for_bit(tmp_path):
     pytest.importorskip("ray")
     spec = tmp_path / "tiny.yaml"
