@@ -96,6 +96,12 @@ def test_tiny_experiment_report(tiny_experiment):
     assert (aggregates.ci_low <= aggregates.value + 1e-12).all()
     assert (aggregates.value <= aggregates.ci_high + 1e-12).all()
 
+    # the optimality gap (shortfall below a score of 1) only for normalized scores
+    assert "Optimality Gap" in (out / "tables" / "aggregate.md").read_text()
+    assert "Optimality Gap" not in (out / "tables" / "aggregate_raw.md").read_text()
+    raw = aggregates[(aggregates.kind == "aggregate") & (aggregates.normalization == "raw")]
+    assert set(raw.metric) == {"IQM", "Mean", "Median"}
+
     tex = (out / "tables" / "aggregate.tex").read_text()
     assert "\\toprule" in tex and "\\bottomrule" in tex
     assert "\\mathbf{" in tex or "\\underline{" in tex     # a best, or the tied leaders

@@ -266,3 +266,18 @@ def test_best_and_tied_on_hand_made_intervals():
     assert agg.best_and_tied(points, same=lambda x, y: abs(x - y) < 1e-4) == ("a", ["b"])
     assert agg.best_and_tied({"a": (np.nan, 0, 1)}) == (None, [])
     assert agg.intervals_overlap((0, 0, 1), (0, np.nan, np.nan))   # no CI: no evidence
+
+
+def test_a_setting_with_one_run_on_a_task_has_no_ci():
+    """Resampling one run gives it back every time: a zero-width CI would read as certainty."""
+    table = agg.aggregate_table({"one": {"a": np.array([2517.0])},
+                                 "two": {"a": np.array([1.0, 3.0]), "b": np.array([2.0])},
+                                 "many": {"a": np.array([1.0, 2.0, 3.0])}},
+                                REPS, SEED)
+    for setting in ("one", "two"):
+        rows = table[table.setting == setting]
+        assert rows.ci_low.isna().all() and rows.ci_high.isna().all(), setting
+        assert (rows.bootstrap == "none (one run on a task)").all()
+    assert table[table.setting == "one"].set_index("metric").loc["Mean", "value"] == 2517.0
+    many = table[(table.setting == "many") & (table.metric != "Optimality Gap")]  # gap 0: >= 1
+    assert (many.ci_low < many.ci_high).all() and (many.bootstrap == "stratified").all()

@@ -109,14 +109,19 @@ def _aggregates(rep: Report, normalizations: list[str], parts: list) -> pd.DataF
     opts, minmax_table = rep.options, None
     for n in normalizations:
         t = agg.aggregate_table(rep.score_sets[n], opts.reps, opts.random_state)
+        # the optimality gap is the shortfall below a score of 1: a normalized score's best,
+        # meaningless for raw returns (in the thousands, it is 0 for every setting)
+        metrics = [m for m in agg.METRICS if n != "raw" or m != "Optimality Gap"]
+        t = t[t.metric.isin(metrics)]
         parts.append(_rows("aggregate", n, t.assign(env="all"), opts))
         cells = [{"setting": s, "runs": int(t[t.setting == s].n_runs.iloc[0]),
-                  **{m: _ci(t[(t.setting == s) & (t.metric == m)].iloc[0]) for m in agg.METRICS}}
+                  **{m: _ci(t[(t.setting == s) & (t.metric == m)].iloc[0]) for m in metrics}}
                  for s in rep.settings]
         name = "aggregate" if n == "minmax" else f"aggregate_{n}"
+        best = {"IQM": "max", "Mean": "max", "Median": "max", "Optimality Gap": "min"}
         rep.tables[name] = write_table(
             pd.DataFrame(cells), rep.out / "tables" / name,
-            best={"IQM": "max", "Mean": "max", "Median": "max", "Optimality Gap": "min"},
+            best={m: best[m] for m in metrics},
             caption=f"Aggregate {LABEL[n]} with 95% stratified-bootstrap CIs")
         if n == "minmax":
             minmax_table = t

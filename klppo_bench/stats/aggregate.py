@@ -153,21 +153,27 @@ def _equal_counts(tasks: ScoreSet) -> bool:
 
 def aggregate_table(score_sets: Mapping[str, ScoreSet], reps: int,
                     random_state: int) -> pd.DataFrame:
-    """One row per (setting, metric): value, 95% CI and how it was computed."""
+    """One row per (setting, metric): value, 95% CI and how it was computed.
+
+    A setting with one run on some task has no CI (NaN, bootstrap ``"none (one run on a
+    task)"``): resampling one run returns it every time, a zero-width interval that would read
+    as certainty."""
     rows = []
     for setting, tasks in score_sets.items():
         data = pack(tasks)
         point, low, high = interval_estimate(data, aggregate_func, reps, random_state)
         equal = _equal_counts(tasks)
+        one_run = min(np.shape(a)[0] for a in tasks.values()) < 2
         for k, name in enumerate(METRICS):
             rows.append({
                 "setting": setting, "metric": name, "value": point[k],
-                "ci_low": low[k], "ci_high": high[k],
+                "ci_low": np.nan if one_run else low[k],
+                "ci_high": np.nan if one_run else high[k],
                 "n_runs": int(sum(np.shape(a)[0] for a in tasks.values())),
                 "n_tasks": len(tasks), "runs_per_task": describe_counts(tasks),
                 "equal_runs_per_task": equal,
-                "bootstrap": "stratified" if equal else
-                "stratified-independent (unequal runs per task, task-weighted)",
+                "bootstrap": "none (one run on a task)" if one_run else "stratified" if equal
+                else "stratified-independent (unequal runs per task, task-weighted)",
             })
     return pd.DataFrame(rows)
 
