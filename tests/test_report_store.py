@@ -290,3 +290,9 @@ def test_wall_clock_counts_a_batched_job_once(tmp_path):
     wall = (exp / "report" / "report.md").read_text() \
         .split("## Wall-clock per run (within each engine)")[1].split("\n## ")[0]
     assert "**" not in wall.split("*underlined")[0]
+    # the figure draws no interval for a one-job setting and says why
+    fig = figures.wall_clock(rep.cost, style.setting_styles(rep.settings))
+    notes = [t.get_text() for t in fig.axes[0].texts]
+    assert notes == ["1 job, no CI", "1 job, no CI"]
+    assert not fig.axes[0].containers or all(
+        not getattr(c, "has_xerr", False) for c in fig.axes[0].containers)

@@ -28,8 +28,9 @@ CAPTIONS = {
                          "vs frames, 95% CIs.",
     "dtarg_increment_lines": "Sensitivity to dtarg for each increment: mean final score, 95% CIs.",
     "dtarg_increment_heatmap": "Sensitivity grid: mean final score per (dtarg, increment).",
-    "wall_clock": ("Wall-clock time per run (mean over runs, 95% CIs; a seed-batched job's time is "
-                   "split evenly over its seeds), one bar per setting and engine, labelled "
+    "wall_clock": ("Wall-clock time per run: job time / lanes, one measurement per job, mean "
+                   "over jobs with 95% CIs where every task has at least two jobs (one job: no "
+                   "interval, labelled), one bar per setting and engine, labelled "
                    "`setting [engine]`: compare bars within one engine only. Machine load "
                    "affects it."),
 }

@@ -293,7 +293,9 @@ def sensitivity_heatmap(cells: pd.DataFrame, label: str) -> plt.Figure:
 
 
 def wall_clock(cost: pd.DataFrame, styles: Mapping[str, Style]) -> plt.Figure:
-    """Mean wall-clock time per run with 95% bootstrap CIs, one bar per (engine, setting),
+    """Wall-clock time per run (job time / lanes, a job as one measurement), mean over jobs
+    with 95% bootstrap CIs where every task has two jobs or more (else no interval and the bar
+    says so), one bar per (engine, setting),
     labelled ``setting [engine]`` and grouped by engine (a line between engines): per-run
     wall-clock is compared within one engine only."""
     minutes = cost.value.max() > 120
@@ -301,10 +303,17 @@ def wall_clock(cost: pd.DataFrame, styles: Mapping[str, Style]) -> plt.Figure:
     engines = cost.engine if "engine" in cost else pd.Series([None] * len(cost))
     fig, ax = plt.subplots(figsize=(COLUMN_WIDTH, 0.25 * len(cost) + 0.7))
     y = np.arange(len(cost))[::-1]
-    ax.barh(y, cost.value / scale, color=[styles[s].color for s in cost.setting], height=0.6,
-            xerr=np.nan_to_num([(cost.value - cost.ci_low) / scale,  # no CI (one job): no bar
-                                (cost.ci_high - cost.value) / scale]),
-            error_kw={"linewidth": 0.8, "capsize": 2})
+    ax.barh(y, cost.value / scale, color=[styles[s].color for s in cost.setting], height=0.6)
+    has_ci = np.isfinite(cost.ci_low.to_numpy(float)) & np.isfinite(cost.ci_high.to_numpy(float))
+    if has_ci.any():
+        v = cost.value.to_numpy(float)[has_ci]
+        ax.errorbar(v / scale, y[has_ci], fmt="none", ecolor="black", elinewidth=0.8, capsize=2,
+                    xerr=[(v - cost.ci_low.to_numpy(float)[has_ci]) / scale,
+                          (cost.ci_high.to_numpy(float)[has_ci] - v) / scale])
+    for yy, v in zip(y[~has_ci], cost.value.to_numpy(float)[~has_ci]):
+        # one job on some task: a single measurement, drawn without an interval and labelled
+        ax.annotate("1 job, no CI", (v / scale, yy), xytext=(3, 0), textcoords="offset points",
+                    va="center", fontsize="x-small", color="0.3")
     ax.set_yticks(y)
     ax.set_yticklabels([s if e is None else f"{s} [{e}]"
                         for s, e in zip(cost.setting, engines)])
