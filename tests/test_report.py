@@ -204,6 +204,14 @@ def test_grid_experiment_sensitivity_and_table1(tmp_path):
     md = (out / "report.md").read_text()
     assert "Table 1 style" in md and "No Monte-Carlo KL setting" in md
     assert "No shipped reference score for InvertedPendulum" not in md  # CleanRL has it
+    # the paper's Table 1 number beside each setting that is one of its rows (clip 0.2,
+    # adaptive KL with increment 2), none for the others (increment 1.5 is not the paper's)
+    table1 = pd.read_csv(out / "tables" / "table1.csv").set_index("setting")
+    paper = table1["PPO paper (-v1)"]
+    assert paper["clip"] == 0.82
+    assert paper["klpen-adaptive(dtarg=0.003,increment=2.0)"] == 0.68
+    assert paper["klpen-adaptive(dtarg=0.03,increment=2.0)"] == 0.71
+    assert paper[[s for s in paper.index if "increment=1.5" in s]].isna().all()
 
 
 def test_report_of_a_spec_finds_its_experiment_by_name(tiny_experiment, tmp_path, capsys):

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from klppo_bench.report.collect import Report, ReportOptions
+from klppo_bench.report.paper import PAPER_COLUMN, paper_score
 from klppo_bench.report.tables import same_when_printed, write_table
 from klppo_bench.stats import aggregate as agg
 from klppo_bench.stats.scores import as_float, parse_params
@@ -170,13 +171,22 @@ def _table1(rep: Report, minmax_table: pd.DataFrame, parts: list) -> None:
                 row[e] = (float("nan"),) * 3
         row["average"] = _ci(minmax_table[(minmax_table.setting == s)
                                           & (minmax_table.metric == "Mean")].iloc[0])
+        variant = rep.runs.loc[rep.runs.setting == s, "variant"].iloc[0]
+        row[PAPER_COLUMN] = paper_score(variant, params_of(rep, s))
         cells.append(row)
     parts.append(_rows("env_setting", "minmax", pd.DataFrame(rows), rep.options))
+    cells = pd.DataFrame(cells)
+    caption = ("Average min-max normalized score per setting (PPO paper, Table 1 style), "
+               "95% CIs")
+    if cells[PAPER_COLUMN].notna().any():
+        caption += (f"; {PAPER_COLUMN}: the paper's Table 1 average over its 7 tasks (-v1, "
+                    "3 seeds, no CI) where the setting is the paper's row, to compare with "
+                    "`average` only when this experiment has the same 7 tasks and settings")
+    else:
+        cells = cells.drop(columns=PAPER_COLUMN)
     rep.tables["table1"] = write_table(
-        pd.DataFrame(cells), rep.out / "tables" / "table1",
-        best={"average": "max", **{e: "max" for e in rep.envs}},
-        caption="Average min-max normalized score per setting (PPO paper, Table 1 style), "
-                "95% CIs")
+        cells, rep.out / "tables" / "table1",
+        best={"average": "max", **{e: "max" for e in rep.envs}}, caption=caption)
 
 
 def _sensitivity(rep: Report, parts: list) -> None:
