@@ -190,7 +190,8 @@ def plot_curves(curves: pd.DataFrame, metric: str | None = None, env: str | None
 
 
 def make_report(path: Path | str, out: Path | str | None = None,
-           compare_to: Path | str | None = None, reps: int = 2000, baseline: str = "clip"):
+           compare_to: Path | str | None = None, reps: int = 2000, baseline: str = "clip",
+           png_dpi: int = 300):
     """Build the full report of an experiment (``klppo-bench report``): scores, rliable
     aggregates, tables and figures under ``out`` (default ``<path>/report``). Returns the
     :class:`~klppo_bench.report.collect.Report`: ``.scores``, ``.aggregates``,
@@ -198,5 +199,5 @@ def make_report(path: Path | str, out: Path | str | None = None,
     from klppo_bench.report.build import ReportOptions, build_report
 
     opts = ReportOptions(reps=reps, baseline=baseline, out=Path(out) if out else None,
-                         compare_to=Path(compare_to) if compare_to else None)
+                         compare_to=Path(compare_to) if compare_to else None, png_dpi=png_dpi)
     return build_report(Path(path), opts)

@@ -123,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="episodes of the uniform-random policy per env (cached)")
     p.add_argument("--random-seed", type=int, default=0, help="seed of the random-policy score")
     p.add_argument("--out", default=None, help="report directory (default EXPERIMENT/report)")
+    p.add_argument("--png-dpi", type=int, default=300,
+                   help="resolution of the PNG figures (the PDFs are vector; default 300)")
     p.add_argument("--compare-to", default=None, metavar="STORED",
                    help="pool the runs of a stored experiment directory (e.g. "
                         "results/reference/ppo_table1) whose definition matches this one's "

@@ -98,9 +98,10 @@ def sweep_command(args) -> int:
 
 
 REPORT_LIMITS = {"reps": (1, 1_000_000), "random_state": (0, 2**32 - 1),
-                 "random_episodes": (1, 100_000), "random_seed": (0, 2**32 - 1)}
+                 "random_episodes": (1, 100_000), "random_seed": (0, 2**32 - 1),
+                 "png_dpi": (50, 1200)}
 """The ranges of ``report``'s numbers: bootstrap repetitions, numpy random states and seeds
-(``2**32 - 1``: numpy's seed range), random-policy episodes."""
+(``2**32 - 1``: numpy's seed range), random-policy episodes, PNG resolution."""
 
 
 def check_report_args(args) -> None:

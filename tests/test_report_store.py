@@ -116,6 +116,24 @@ def test_damaged_records_are_listed_and_the_rest_reported(experiment, capsys):
     assert captured.err.count("run not readable") == 6
 
 
+def test_png_resolution_is_an_option(experiment, tmp_path):
+    """``--png-dpi`` sets the PNGs' resolution (the shipped reports use 150 to fit the size
+    budget); the PDFs stay vector and report.md says which resolution it used."""
+    from PIL import Image
+
+    sizes = {}
+    for dpi in (300, 100):
+        out = tmp_path / f"report{dpi}"
+        assert main(["report", str(experiment), "--reps", "50", "--random-episodes",
+                     str(RANDOM_EPISODES), "--out", str(out), "--png-dpi", str(dpi)]) == 0
+        png = out / "figures" / "aggregate_intervals.png"
+        with Image.open(png) as image:
+            assert round(image.info["dpi"][0]) == dpi
+            sizes[dpi] = image.size
+        assert f"{dpi}-dpi .png" in (out / "report.md").read_text()
+    assert sizes[100][0] < sizes[300][0] / 2.5     # a third of the pixels across
+
+
 def test_nothing_readable_is_a_one_line_error(experiment, capsys):
     for run in (experiment / "runs").iterdir():
         (run / "metrics.parquet").write_bytes(b"garbage bytes, not parquet")

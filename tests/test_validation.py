@@ -109,6 +109,7 @@ def test_sweep_numbers_are_checked(argv, fragment, tmp_path, capsys):
     (["--random-state", str(2**32)], f"--random-state={2**32} is invalid"),
     (["--random-episodes", "0"], "--random-episodes=0 is invalid"),
     (["--random-seed", str(2**64)], f"--random-seed={2**64} is invalid"),
+    (["--png-dpi", "0"], "--png-dpi=0 is invalid; allowed: int from 50 to 1200"),
 ])
 def test_report_numbers_are_checked(argv, fragment, tmp_path, capsys):
     assert cli.main(["report", str(tmp_path / "exp"), *argv]) == 2

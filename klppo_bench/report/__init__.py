@@ -23,6 +23,7 @@ def main_report(args) -> int:
         random_episodes=getattr(args, "random_episodes", 100),
         random_seed=getattr(args, "random_seed", 0),
         all_definitions=getattr(args, "all_definitions", False),
+        png_dpi=getattr(args, "png_dpi", 300),
         compare_to=Path(args.compare_to) if getattr(args, "compare_to", None) else None,
         out=Path(args.out) if getattr(args, "out", None) else None)
     rep = build_report(Path(args.experiment), opts)

@@ -48,6 +48,9 @@ class ReportOptions:
     compare_to: Path | None = None
     """A stored experiment directory (``results/reference/ppo_table1``) whose runs of the same
     definition are pooled with this experiment's (:mod:`klppo_bench.report.compare`)."""
+    png_dpi: int = 300
+    """Resolution of the PNG copy of every figure (the PDF is vector either way); the shipped
+    reports under results/reference use 150 to stay within their size budget."""
     all_definitions: bool = False
     """Report the runs of every definition on disk, each other definition's settings labelled
     with what differs (``clip [frames=1024]``); default: the current definition only."""

@@ -244,6 +244,6 @@ def render(rep) -> str:
     out += ["## Files", "",
             "`scores.csv` (one row per finished run), `aggregates.csv` (every estimate with "
             "its CI, reps and random state), `tables/` (.md, .tex, .csv), `figures/` (.pdf "
-            "with TrueType fonts, 300-dpi .png).", "",
+            f"with TrueType fonts, {rep.options.png_dpi}-dpi .png).", "",
             f"Versions: {versions()}.", ""]
     return "\n".join(out)

@@ -51,7 +51,7 @@ def draw(rep: Report) -> None:
     styles = style.setting_styles(rep.settings)
 
     def save(fig, name):
-        style.save_figure(fig, rep.out / "figures" / name)
+        style.save_figure(fig, rep.out / "figures" / name, png_dpi=rep.options.png_dpi)
         rep.figures[name] = f"figures/{name}.png"
 
     def mean_curves(long_env, env, metric, settings, points=60):

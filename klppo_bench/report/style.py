@@ -61,9 +61,9 @@ def setting_styles(settings: list[str]) -> dict[str, Style]:
             for i, s in enumerate(settings)}
 
 
-def save_figure(fig, stem: Path) -> list[Path]:
-    """Write ``stem.pdf`` (vector, TrueType fonts) and ``stem.png`` (300 dpi), each through a
-    temporary file renamed into place; close the figure. Returns the two paths."""
+def save_figure(fig, stem: Path, png_dpi: int = 300) -> list[Path]:
+    """Write ``stem.pdf`` (vector, TrueType fonts) and ``stem.png`` (``png_dpi``), each through
+    a temporary file renamed into place; close the figure. Returns the two paths."""
     stem = Path(stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -75,7 +75,7 @@ def save_figure(fig, stem: Path) -> list[Path]:
                                        dir=stem.parent)
             os.fchmod(fd, FILE_MODE)  # mkstemp makes 0600; every other result is 0644
             os.close(fd)
-            fig.savefig(tmp, format=ext, dpi=300, bbox_inches="tight", pad_inches=0.02)
+            fig.savefig(tmp, format=ext, dpi=png_dpi, bbox_inches="tight", pad_inches=0.02)
             os.replace(tmp, final)
         except OSError as err:
             raise write_error(final, err) from err
