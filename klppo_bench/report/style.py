@@ -75,7 +75,9 @@ def save_figure(fig, stem: Path, png_dpi: int = 300) -> list[Path]:
                                        dir=stem.parent)
             os.fchmod(fd, FILE_MODE)  # mkstemp makes 0600; every other result is 0644
             os.close(fd)
-            fig.savefig(tmp, format=ext, dpi=png_dpi, bbox_inches="tight", pad_inches=0.02)
+            # dpi only matters to a PDF's rasterized parts (none by default): keep them at 300
+            fig.savefig(tmp, format=ext, dpi=png_dpi if ext == "png" else 300,
+                        bbox_inches="tight", pad_inches=0.02)
             os.replace(tmp, final)
         except OSError as err:
             raise write_error(final, err) from err
