@@ -314,3 +314,17 @@ def test_wall_clock_counts_a_batched_job_once(tmp_path):
     assert notes == ["1 job, no CI", "1 job, no CI"]
     assert not fig.axes[0].containers or all(
         not getattr(c, "has_xerr", False) for c in fig.axes[0].containers)
+
+
+def test_settings_are_ordered_by_the_values_in_their_labels():
+    """beta=0.3 < 1 < 3 < 10 in every table and figure, not 1 < 10 < 3 as strings sort."""
+    from klppo_bench.report.collect import natural_key
+
+    labels = ["klpen-fixed(beta=10)", "klpen-fixed(beta=3)", "no-clip", "klpen-fixed(beta=0.3)",
+              "klpen-fixed(beta=1)", "clip(clip_epsilon=0.1)", "clip [frames=1024]",
+              "klpen-adaptive(dtarg=0.003,increment=4)", "klpen-adaptive(dtarg=0.003,increment=2)"]
+    assert sorted(labels, key=natural_key) == [
+        "clip [frames=1024]", "clip(clip_epsilon=0.1)",
+        "klpen-adaptive(dtarg=0.003,increment=2)", "klpen-adaptive(dtarg=0.003,increment=4)",
+        "klpen-fixed(beta=0.3)", "klpen-fixed(beta=1)", "klpen-fixed(beta=3)",
+        "klpen-fixed(beta=10)", "no-clip"]

@@ -11,6 +11,7 @@ with what differs (``Report.left_out``; :mod:`klppo_bench.report.definitions`).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +28,16 @@ from klppo_bench.store import Unreadable, load_tables
 
 METRICS_REQUIRED = ("frames", "episode_return")
 """Columns every run's ``metrics.parquet`` must have to be reported (its learning curve)."""
+
+
+_NUMBER = re.compile(r"(\d+(?:\.\d*)?(?:e[-+]?\d+)?)")
+
+
+def natural_key(label: str) -> tuple:
+    """Sort key that orders the numbers inside setting labels by value:
+    ``klpen-fixed(beta=0.3)`` < ``(beta=1)`` < ``(beta=3)`` < ``(beta=10)``."""
+    return tuple((0, float(part), "") if k % 2 else (1, 0.0, part)
+                 for k, part in enumerate(_NUMBER.split(label)))
 
 
 @dataclass
@@ -223,7 +234,7 @@ def collect(exp_dir: Path, opts: ReportOptions) -> Report:
                          + ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
                          + " -- listed under *Runs not done*.")
     rep.envs = sorted(rep.runs.env.unique())
-    settings = sorted(rep.runs.setting.unique())
+    settings = sorted(rep.runs.setting.unique(), key=natural_key)
     rep.baseline = _resolve_baseline(opts.baseline, rep.runs, settings, rep.notes)
     rep.settings = [s for s in settings if s == rep.baseline] + \
                    [s for s in settings if s != rep.baseline]
