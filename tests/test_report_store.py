@@ -312,8 +312,11 @@ def test_wall_clock_counts_a_batched_job_once(tmp_path):
     fig = figures.wall_clock(rep.cost, style.setting_styles(rep.settings))
     notes = [t.get_text() for t in fig.axes[0].texts]
     assert notes == ["1 job, no CI", "1 job, no CI"]
-    assert not fig.axes[0].containers or all(
-        not getattr(c, "has_xerr", False) for c in fig.axes[0].containers)
+    from matplotlib.container import BarContainer, ErrorbarContainer
+
+    containers = fig.axes[0].containers
+    assert not any(isinstance(c, ErrorbarContainer) for c in containers)
+    assert all(c.errorbar is None for c in containers if isinstance(c, BarContainer))
 
 
 def test_settings_are_ordered_by_the_values_in_their_labels():
