@@ -331,3 +331,25 @@ def test_settings_are_ordered_by_the_values_in_their_labels():
         "klpen-adaptive(dtarg=0.003,increment=2)", "klpen-adaptive(dtarg=0.003,increment=4)",
         "klpen-fixed(beta=0.3)", "klpen-fixed(beta=1)", "klpen-fixed(beta=3)",
         "klpen-fixed(beta=10)", "no-clip"]
+
+
+def test_few_runs_per_cell_get_a_note_that_their_cis_understate_the_uncertainty(tmp_path):
+    """A percentile bootstrap CI over 3 runs cannot reach beyond them: the report says so
+    (Table 1 has 3 seeds a cell); with 5 runs a cell, or one run (no CI at all), it does not."""
+    from klppo_bench.report.collect import collect
+
+    exp = tmp_path / "results" / "exp"
+    for seed in range(3):
+        store_run(exp, "no-clip", seed, 300)
+    for seed in range(5):
+        store_run(exp, "clip", seed, 900)
+    store_run(exp, "lone", 0, 500)
+    seed_random_cache(tmp_path / "results")
+    notes = [n for n in collect(exp, options(baseline="clip")).notes if n.startswith("Few")]
+    assert len(notes) == 1
+    assert notes[0].startswith("Few runs: 1 of 3 setting x environment cells have 3 runs "
+                               "(fewer than 5). A percentile bootstrap interval never reaches "
+                               "beyond the lowest and highest of the runs")
+    for seed in range(3, 5):
+        store_run(exp, "no-clip", seed, 300)
+    assert not [n for n in collect(exp, options(baseline="clip")).notes if n.startswith("Few")]

@@ -147,6 +147,11 @@ def _resolve_baseline(requested: str, runs: pd.DataFrame, settings: list[str], n
     return None
 
 
+FEW_RUNS = 5
+"""Fewer runs than this in a setting x environment cell (but more than one) get a note that
+its percentile bootstrap CI understates the uncertainty."""
+
+
 def _count_notes(rep: Report) -> None:
     for s in rep.settings:
         counts = rep.runs[rep.runs.setting == s].groupby("env").size()
@@ -157,6 +162,17 @@ def _count_notes(rep: Report) -> None:
                 + (f" and no run on {', '.join(absent)}" if absent else "")
                 + ". Its aggregates use every run (per-task stratified bootstrap, tasks "
                   "weighted equally); nothing is truncated.")
+    cell = rep.runs.groupby(["setting", "env"]).size()
+    few = cell[(cell > 1) & (cell < FEW_RUNS)]
+    if len(few):
+        n = f"{few.min()}" if few.min() == few.max() else f"{few.min()}-{few.max()}"
+        rep.notes.append(
+            f"Few runs: {len(few)} of {len(cell)} setting x environment cells have {n} runs "
+            f"(fewer than {FEW_RUNS}). A percentile bootstrap "
+            "interval never reaches beyond the lowest and highest of the runs it resamples, so "
+            "a per-environment CI over so few runs is narrower than the real uncertainty: read "
+            "overlapping CIs as ties, and a disjoint one on a single environment as a hint to "
+            "run more seeds, not as a result.")
     per_setting = rep.runs.groupby("setting").size()
     if per_setting.nunique() > 1:
         rep.notes.append("Settings have different numbers of runs: " + ", ".join(
