@@ -5,6 +5,7 @@ are a double-column figure."""
 
 from __future__ import annotations
 
+import warnings
 from typing import Mapping
 
 import matplotlib.pyplot as plt
@@ -147,6 +148,15 @@ def probability_of_improvement(poi: pd.DataFrame, styles: Mapping[str, Style]) -
     return fig
 
 
+def _heatmap(data: pd.DataFrame, **kw) -> None:
+    """``sns.heatmap``, without the PendingDeprecationWarning seaborn 0.13 itself triggers
+    (its own ``cmap.set_bad`` call, seen with seaborn 0.13.2 and matplotlib 3.11.2): nothing a caller can change."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The set_bad function",
+                                category=PendingDeprecationWarning)
+        sns.heatmap(data, **kw)
+
+
 def poi_matrix(poi: pd.DataFrame, settings: list[str]) -> plt.Figure:
     """Pairwise P(row > column) as an annotated heatmap (CIs in aggregates.csv)."""
     m = pd.DataFrame(np.nan, index=settings, columns=settings)
@@ -154,7 +164,7 @@ def poi_matrix(poi: pd.DataFrame, settings: list[str]) -> plt.Figure:
         m.loc[x, y] = v
     size = min(DOUBLE_WIDTH, max(COLUMN_WIDTH, 0.42 * len(settings) + 1.6))
     fig, ax = plt.subplots(figsize=(size, size * 0.85))
-    sns.heatmap(m, ax=ax, vmin=0, vmax=1, center=0.5, cmap="vlag", annot=True, fmt=".2f",
+    _heatmap(m, ax=ax, vmin=0, vmax=1, center=0.5, cmap="vlag", annot=True, fmt=".2f",
                 annot_kws={"size": 6.5 if len(settings) < 8 else 5},
                 cbar_kws={"label": "P(row > column)", "shrink": 0.8}, square=True,
                 linewidths=0.5, linecolor="white")
@@ -281,7 +291,7 @@ def sensitivity_heatmap(cells: pd.DataFrame, label: str) -> plt.Figure:
     m = cells.pivot(index="increment", columns="dtarg", values="value").sort_index(ascending=False)
     fig, ax = plt.subplots(figsize=(COLUMN_WIDTH, 0.45 * len(m) + 1.0))
     fmt = ".0f" if np.nanmax(np.abs(m.to_numpy())) >= 100 else ".2f"
-    sns.heatmap(m, ax=ax, annot=True, fmt=fmt, cmap="viridis", annot_kws={"size": 7},
+    _heatmap(m, ax=ax, annot=True, fmt=fmt, cmap="viridis", annot_kws={"size": 7},
                 cbar_kws={"label": label}, linewidths=0.5, linecolor="white")
     ax.set_xticklabels([f"{float(t.get_text()):g}" for t in ax.get_xticklabels()])
     ax.set_yticklabels([f"{float(t.get_text()):g}" for t in ax.get_yticklabels()], rotation=0)
