@@ -149,8 +149,9 @@ def probability_of_improvement(poi: pd.DataFrame, styles: Mapping[str, Style]) -
 
 
 def _heatmap(data: pd.DataFrame, **kw) -> None:
-    """``sns.heatmap``, without the PendingDeprecationWarning seaborn 0.13 itself triggers
-    (its own ``cmap.set_bad`` call, seen with seaborn 0.13.2 and matplotlib 3.11.2): nothing a caller can change."""
+    """``sns.heatmap``, without the PendingDeprecationWarning seaborn triggers itself (its
+    own ``cmap.set_bad`` call, seen with seaborn 0.13.2 and matplotlib 3.11.2): nothing a
+    caller can change."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The set_bad function",
                                 category=PendingDeprecationWarning)
