@@ -16,14 +16,14 @@ SEEDS  ?=
 FRAMES ?=
 BACKEND ?= local
 WORKERS ?=
-DEVICE ?= cpu
+DEVICE ?=
 ENGINE ?= auto
 TORCH  ?= torch==2.13.0
 PYTEST_ARGS ?=
 # test processes (pytest-xdist, one test file per process; 0 runs the suite in this process)
 TEST_WORKERS ?= 2
 
-SWEEP_ARGS := $(if $(ENV),--env $(ENV)) --backend $(BACKEND) --results $(RESULTS) --device $(DEVICE) \
+SWEEP_ARGS := $(if $(ENV),--env $(ENV)) --backend $(BACKEND) --results $(RESULTS) $(if $(DEVICE),--device $(DEVICE)) \
 	--engine $(ENGINE) \
 	$(if $(SEEDS),--seeds $(SEEDS)) $(if $(FRAMES),--frames $(FRAMES)) \
 	$(if $(WORKERS),--workers $(WORKERS))

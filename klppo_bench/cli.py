@@ -93,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "back to this process, which writes them; shared: every node must see "
                         "it; driver: always sent back")
     p.add_argument("--results", default="results", help="results root (default results/)")
-    p.add_argument("--device", default="cpu", help="cpu | cuda | auto")
+    p.add_argument("--device", default=None,
+                   help="cpu | cuda | cuda:N | auto (default: the spec's device, else cpu)")
     p.add_argument("--plugin", action="append", default=[], metavar="MODULE")
     p.add_argument("--engine", default="auto", choices=("auto", "batched", "reference"),
                    help="batched: lanes (seeds, and settings differing only in hyperparameter "

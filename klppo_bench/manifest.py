@@ -9,7 +9,8 @@ experiment directory without a manifest (``klppo-bench run --out``) is reported 
 
 The current definition is the spec as last swept. One exception keeps per-environment sweeps
 (``make bench ENV=Hopper`` then ``ENV=Walker2d``) whole: a sweep keeps the entries of the
-environments it did not sweep when their settings have the same definitions as its own.
+environments it did not sweep when their settings have the same definitions as its own, and
+adds them to the ``envs`` of the spec it records (``spec.yaml``, the manifest's ``spec``).
 
 Layout::
 
@@ -59,18 +60,23 @@ def build_manifest(experiment: str, spec: Mapping, runs: Iterable[tuple[str, str
                    previous: Mapping | None = None) -> dict:
     """The manifest of a sweep of ``runs`` (``(run_id, setting, config dict)``); ``previous``
     (the manifest on disk) contributes the environments this sweep did not sweep when their
-    settings' definitions equal this sweep's."""
+    settings' definitions equal this sweep's, and the spec's ``envs`` then lists them after
+    the swept ones (so the experiment's ``spec.yaml`` sweeps all of it again)."""
     envs: dict[str, dict] = {}
     for run_id, setting, config in runs:
         entry = envs.setdefault(config["env"], {"settings": {}, "runs": {}})
         entry["settings"][setting] = definition(config)
         entry["runs"][run_id] = {"setting": setting, "seed": config["seed"]}
+    spec = dict(spec)
     if previous and envs:
         ours = _canonical(next(iter(envs.values()))["settings"])
-        for env, entry in (previous.get("envs") or {}).items():
-            if env not in envs and _canonical(entry.get("settings")) == ours:
-                envs[env] = entry
-    return {"format": FORMAT, "experiment": experiment, "spec": dict(spec),
+        kept = [env for env, entry in sorted((previous.get("envs") or {}).items())
+                if env not in envs and _canonical(entry.get("settings")) == ours]
+        for env in kept:
+            envs[env] = previous["envs"][env]
+        if kept and isinstance(spec.get("envs"), list):
+            spec["envs"] = [*spec["envs"], *(e for e in kept if e not in spec["envs"])]
+    return {"format": FORMAT, "experiment": experiment, "spec": spec,
             "envs": dict(sorted(envs.items()))}
 
 

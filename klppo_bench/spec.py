@@ -7,6 +7,7 @@ A spec (``experiments/*.yaml``)::
     envs: [Hopper]                 # gymnasium ids or families (Hopper -> Hopper-v5)
     seeds: 10                      # a count (seeds 0..9) or a list of seeds
     frames: 1000000
+    device: cpu                    # cpu (default), cuda, cuda:N, auto (--device replaces it)
     variants:                      # short form: [clip, klpen-fixed] (names at their defaults)
       - name: clip                 # a registry name, at its defaults
       - name: klpen-adaptive
@@ -58,8 +59,9 @@ from klppo_bench.loggers import parse_loggers
 from klppo_bench.variants import get_variant, load_plugins
 from klppo_bench.variants.registry import plugin_target
 
-TOP_KEYS = ("name", "description", "envs", "seeds", "frames", "variants", "train", "model",
-            "eval", "plugins", "loggers", "checkpoint_every")
+TOP_KEYS = ("name", "description", "envs", "seeds", "frames", "device", "variants", "train",
+            "model", "eval", "plugins", "loggers", "checkpoint_every")
+_DEVICE = re.compile(r"cpu|auto|cuda(:\d+)?")
 VARIANT_KEYS = ("name", "params", "derived", "label")
 DERIVED_OPS = {"reciprocal": lambda x: 1.0 / x}
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
@@ -243,8 +245,9 @@ def _spec_envs(spec: dict, envs: list[str] | None, where: str) -> list[str]:
 
 def load_spec(path: str | Path, envs: list[str] | None = None, seeds: int | None = None,
               frames: int | None = None, plugins: tuple[str, ...] = (),
-              device: str = "cpu") -> Spec:
-    """Read and type-check a spec; ``envs``/``seeds``/``frames`` replace the spec's values.
+              device: str | None = None) -> Spec:
+    """Read and type-check a spec; ``envs``/``seeds``/``frames``/``device`` replace the
+    spec's values (the device defaults to the spec's ``device``, else cpu).
 
     Raises:
         ConfigError: naming the file, the key and the allowed values.
@@ -259,6 +262,11 @@ def load_spec(path: str | Path, envs: list[str] | None = None, seeds: int | None
     description = spec.get("description", "")
     if not isinstance(description, str):
         raise _bad(f"{where}: description", description, "a string")
+    if device is None:
+        device = spec.get("device", "cpu")
+        if not isinstance(device, str) or not _DEVICE.fullmatch(device):
+            raise _bad(f"{where}: device", device, "cpu, cuda, cuda:N or auto (--device "
+                                                    "replaces it)")
     loggers = parse_loggers(spec.get("loggers", []), f"{where}: loggers")
     checkpoint_every = spec.get("checkpoint_every")
     if checkpoint_every is not None and (not _is_int(checkpoint_every) or checkpoint_every < 1):

@@ -132,8 +132,10 @@ def _record_definition(spec, runs: list[PlannedRun], exp_dir: Path, write: bool 
     from klppo_bench.manifest import MANIFEST, write_manifest
     from klppo_bench.store import atomic_write_bytes
 
-    spec_text = yaml.safe_dump(spec.resolved(), sort_keys=False).encode()
-    manifest = json.loads(json.dumps(_definition(spec, runs, exp_dir), default=str))
+    made = _definition(spec, runs, exp_dir)
+    # the spec as swept, its envs extended by those the manifest keeps from earlier sweeps
+    spec_text = yaml.safe_dump(made["spec"], sort_keys=False).encode()
+    manifest = json.loads(json.dumps(made, default=str))
     changed = []
     if not (exp_dir / "spec.yaml").is_file() or (exp_dir / "spec.yaml").read_bytes() != spec_text:
         changed.append(lambda: atomic_write_bytes(exp_dir / "spec.yaml", spec_text))

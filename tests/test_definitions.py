@@ -110,14 +110,44 @@ def _config(env="Hopper-v5", seed=0, frames=1024, code="c0de", epochs=2):
 
 
 def test_manifest_keeps_other_envs_of_the_same_definition_only():
-    hopper = build_manifest("e", {}, [("h0", "clip", _config()), ("h1", "clip", _config(seed=1))])
-    walker = build_manifest("e", {}, [("w0", "clip", _config("Walker2d-v5"))], previous=hopper)
+    hopper = build_manifest("e", {"envs": ["Hopper-v5"]},
+                            [("h0", "clip", _config()), ("h1", "clip", _config(seed=1))])
+    walker = build_manifest("e", {"envs": ["Walker2d-v5"]},
+                            [("w0", "clip", _config("Walker2d-v5"))], previous=hopper)
     assert sorted(walker["envs"]) == ["Hopper-v5", "Walker2d-v5"]  # make bench ENV=... twice
-    longer = build_manifest("e", {}, [("w1", "clip", _config("Walker2d-v5", frames=2048))],
+    assert walker["spec"] == {"envs": ["Walker2d-v5", "Hopper-v5"]}  # the whole experiment
+    again = build_manifest("e", {"envs": ["Walker2d-v5"]},
+                           [("w0", "clip", _config("Walker2d-v5"))], previous=walker)
+    assert again == walker  # a rerun of the same sweep changes nothing
+    longer = build_manifest("e", {"envs": ["Walker2d-v5"]},
+                            [("w1", "clip", _config("Walker2d-v5", frames=2048))],
                             previous=walker)
     assert sorted(longer["envs"]) == ["Walker2d-v5"]  # another definition: Hopper is dropped
+    assert longer["spec"] == {"envs": ["Walker2d-v5"]}
     assert definition(_config()) == {"variant": "clip", "frames": 1024, "code": "c0de",
                                      "loss.clip_epsilon": 0.2, "train.epochs": 2}
+
+
+def test_per_env_sweeps_record_one_spec_that_sweeps_the_whole_experiment(tmp_path, capsys):
+    """``make bench ENV=Hopper`` then ``ENV=InvertedPendulum``: the experiment's spec.yaml lists
+    both tasks, so sweeping it again finds every run done."""
+    results = tmp_path / "results"
+    spec = tmp_path / "two.yaml"
+    spec.write_text("name: two\nenvs: [Hopper]\nseeds: 1\nframes: 256\nvariants: [clip]\n"
+                    "train: {steps_per_iter: 256, minibatch_size: 64, epochs: 1}\n"
+                    "eval: {every: 0, episodes: 1}\n")
+    for env in ("Hopper", "InvertedPendulum"):
+        assert cli.main(["sweep", str(spec), "--env", env, "--results", str(results),
+                         "--workers", "1"]) == 0
+    exp = results / "two"
+    recorded = exp / "spec.yaml"
+    assert "envs:\n- InvertedPendulum-v5\n- Hopper-v5\n" in recorded.read_text()
+    assert sorted(read_manifest(exp)["envs"]) == ["Hopper-v5", "InvertedPendulum-v5"]
+    before = sorted((str(p), p.stat().st_mtime_ns) for p in exp.rglob("*"))
+    capsys.readouterr()
+    assert cli.main(["sweep", str(recorded), "--results", str(results)]) == 0
+    assert "all 2 runs are done; nothing to run" in capsys.readouterr().out
+    assert sorted((str(p), p.stat().st_mtime_ns) for p in exp.rglob("*")) == before
 
 
 def test_left_out_runs_are_grouped_by_what_differs():

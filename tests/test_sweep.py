@@ -114,6 +114,8 @@ BAD_SPECS = {
                       ["variants[0].params: dtarg='big'", "allowed: float > 0"]),
     "out-of-range": (BASE.replace("0.03]", "-0.1]"), ["dtarg=-0.1", "out of range",
                                                       "allowed: float > 0"]),
+    "bad-device": (BASE + "device: gpu\n", ["device='gpu' is invalid",
+                                          "allowed: cpu, cuda, cuda:N or auto"]),
     "out-of-range-train": (BASE + "train: {epochs: 0}\n", ["train.epochs=0", "allowed: int >= 1"]),
     "unknown-train-key": (BASE + "train: {epoch: 3}\n", ["train: unknown key 'epoch'",
                                                          "allowed: steps_per_iter"]),
@@ -339,6 +341,19 @@ def test_checkpoint_every_is_a_spec_key_checked_like_the_others(tmp_path):
     with pytest.raises(ConfigError, match=r"bad.yaml: checkpoint_every=0 is invalid; "
                                           r"allowed: int >= 1"):
         load_spec(bad)
+
+
+def test_device_is_a_spec_key_the_command_line_replaces(tmp_path):
+    """The spec a sweep records (``spec.yaml``, with its ``device``) loads as a spec again."""
+    text = "envs: [Hopper]\nseeds: 1\nframes: 2048\nvariants: [clip]\n"
+    assert load_spec(_write(tmp_path / "plain.yaml", text)).device == "cpu"
+    spec = _write(tmp_path / "cuda.yaml", text + "device: cuda:1\n")
+    assert load_spec(spec).device == "cuda:1"
+    assert load_spec(spec, device="cpu").device == "cpu"  # --device cpu
+    assert load_spec(spec).resolved()["device"] == "cuda:1"
+    cpu = load_spec(_write(tmp_path / "cpu.yaml", text + "device: cpu\n"))
+    assert [r.run_id for r in expand(cpu)] == [
+        r.run_id for r in expand(load_spec(tmp_path / "plain.yaml"))]
 
 
 def _write(path, text):
