@@ -23,7 +23,7 @@ ENV = "Hopper-v5"
 
 
 def store_run(exp, setting, seed, level, engine="reference", seconds=25.0, variant=None,
-              loss=None, noise=5.0):
+              loss=None, noise=5.0, env=ENV):
     """A done run written through the store: a rising return curve ending near ``level``."""
     loss = loss if loss is not None else {"clip_epsilon": 0.2}
     rng = np.random.default_rng([seed, int(level)])
@@ -31,8 +31,9 @@ def store_run(exp, setting, seed, level, engine="reference", seconds=25.0, varia
     ret = level * frames / frames[-1] + rng.normal(0, noise, 10)
     m = pd.DataFrame({"frames": frames, "episode_return": ret,
                       "kl_batch": np.abs(rng.normal(0.01, 0.003, 10)), "beta": np.nan})
-    run = RunDir(exp / "runs" / f"{setting}-s{seed}-{engine}")
-    run.start({"variant": variant or setting, "env": ENV, "seed": seed, "loss": loss},
+    suffix = "" if env == ENV else f"-{env}"
+    run = RunDir(exp / "runs" / f"{setting}-s{seed}-{engine}{suffix}")
+    run.start({"variant": variant or setting, "env": env, "seed": seed, "loss": loss},
               setting=setting, provenance={"engine": engine} if engine else {})
     run.finish({"metrics": m}, {"final_score": float(level + rng.normal(0, noise)),
                                 "final_eval_return": float(ret[-1]), "frames": 2560,
@@ -353,3 +354,32 @@ def test_few_runs_per_cell_get_a_note_that_their_cis_understate_the_uncertainty(
     for seed in range(3, 5):
         store_run(exp, "no-clip", seed, 300)
     assert not [n for n in collect(exp, options(baseline="clip")).notes if n.startswith("Few")]
+
+
+def test_aggregates_use_only_the_environments_every_setting_ran_on(tmp_path):
+    """A sweep still under way: on its second task only `no-clip` is done. Its runs there are
+    that task's best (min-max 1), so pooling them would lift `no-clip`'s average; aggregates
+    over environments use the first task only, and the note names what is left out."""
+    exp = tmp_path / "results" / "exp"
+    other = "Walker2d-v5"
+    for seed in range(3):
+        store_run(exp, "clip", seed, 900)
+        store_run(exp, "no-clip", seed, 300)
+        store_run(exp, "no-clip", seed, 800, env=other)
+    seed_random_cache(tmp_path / "results", envs=(ENV, other))
+    rep = build_report(exp, options(baseline="clip"))
+    assert rep.envs == [ENV, other] and rep.aggregate_envs == [ENV]
+    agg = rep.aggregates
+    rows = agg[(agg.kind == "aggregate") & (agg.normalization == "minmax")]
+    assert set(rows.n_tasks) == {1} and set(rows.n_runs) == {3}
+    mean = rows[rows.metric == "Mean"].set_index("setting").value
+    expected = rep.scores[(rep.scores.env == ENV)].groupby("setting").score_minmax.mean()
+    assert mean["no-clip"] == pytest.approx(expected["no-clip"], abs=1e-12)
+    assert mean["no-clip"] < 0.5  # with Walker2d's 1.0s pooled it would be about 0.66
+    notes = [n for n in rep.notes if n.startswith("Aggregates over environments")]
+    assert len(notes) == 1 and f"use the 1 environment(s) every setting ran on ({ENV})" \
+        in notes[0] and f"Left out of them: {other} (no run of clip)" in notes[0]
+    assert not [n for n in rep.notes if n.startswith("Unequal seeds")]
+    table1 = rep.tables["table1"]
+    assert f"average over {ENV} (every setting ran there)" in table1
+    assert other in table1.splitlines()[0]  # its column stays

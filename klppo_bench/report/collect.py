@@ -82,6 +82,7 @@ class Report:
     random: dict = field(default_factory=dict)      # env -> random-policy record
     settings: list = field(default_factory=list)    # baseline first
     envs: list = field(default_factory=list)
+    aggregate_envs: list = field(default_factory=list)  # envs every setting ran on
     baseline: str | None = None
     params: dict = field(default_factory=dict)      # setting -> varied parameters
     engines: dict = field(default_factory=dict)     # setting -> "batched", "batched+reference"
@@ -152,10 +153,34 @@ FEW_RUNS = 5
 its percentile bootstrap CI understates the uncertainty."""
 
 
+def _aggregate_envs(rep: Report) -> None:
+    """The environments an aggregate over environments uses: those every setting ran on, so
+    that every setting's aggregate covers the same tasks (a sweep still under way has tasks
+    with only some settings done). Without such an environment, all of them (noted)."""
+    ran = {e: set(g.setting) for e, g in rep.runs.groupby("env")}
+    common = [e for e in rep.envs if ran[e] >= set(rep.settings)]
+    rep.aggregate_envs = common or list(rep.envs)
+    if not common:
+        rep.notes.append("No environment has runs of every setting: aggregates over "
+                         "environments compare settings over different sets of tasks.")
+        return
+    partial = [e for e in rep.envs if e not in common]
+    if partial:
+        rep.notes.append(
+            f"Aggregates over environments (aggregate tables, the average of Table 1, "
+            f"probability of improvement, performance profiles, sample-efficiency curves, "
+            f"dtarg x increment grid) use the {len(common)} environment(s) every setting ran "
+            f"on ({', '.join(common)}). Left out of them: " + "; ".join(
+                f"{e} (no run of {', '.join(s for s in rep.settings if s not in ran[e])})"
+                for e in partial) + ". Per-environment tables and figures show every "
+            "environment.")
+
+
 def _count_notes(rep: Report) -> None:
+    runs = rep.runs[rep.runs.env.isin(rep.aggregate_envs)]
     for s in rep.settings:
-        counts = rep.runs[rep.runs.setting == s].groupby("env").size()
-        absent = sorted(set(rep.envs) - set(counts.index))
+        counts = runs[runs.setting == s].groupby("env").size()
+        absent = sorted(set(rep.aggregate_envs) - set(counts.index))
         if counts.nunique() > 1 or absent:
             rep.notes.append(
                 f"Unequal seeds: `{s}` has " + ", ".join(f"{e}: {n}" for e, n in counts.items())
@@ -173,7 +198,7 @@ def _count_notes(rep: Report) -> None:
             "a per-environment CI over so few runs is narrower than the real uncertainty: read "
             "overlapping CIs as ties, and a disjoint one on a single environment as a hint to "
             "run more seeds, not as a result.")
-    per_setting = rep.runs.groupby("setting").size()
+    per_setting = runs.groupby("setting").size()
     if per_setting.nunique() > 1:
         rep.notes.append("Settings have different numbers of runs: " + ", ".join(
             f"{s}: {per_setting[s]}" for s in rep.settings) + ".")
@@ -257,6 +282,7 @@ def collect(exp_dir: Path, opts: ReportOptions) -> Report:
     rep.params = varied_params(rep.runs)
     rep.engines = engines_of(rep.runs, rep.settings)
     rep.sources = variant_sources(exp_dir, rep.runs)
+    _aggregate_envs(rep)
     _count_notes(rep)
     cache = opts.cache_dir or exp_dir.parent / ".cache"
     rep.random = random_scores(rep.envs, cache, opts.random_episodes, opts.random_seed)

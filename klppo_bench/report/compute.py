@@ -178,6 +178,8 @@ def _table1(rep: Report, minmax_table: pd.DataFrame, parts: list) -> None:
     cells = pd.DataFrame(cells)
     caption = ("Average min-max normalized score per setting (PPO paper, Table 1 style), "
                "95% CIs")
+    if rep.aggregate_envs != rep.envs:
+        caption += f"; average over {', '.join(rep.aggregate_envs)} (every setting ran there)"
     if cells[PAPER_COLUMN].notna().any():
         caption += (f"; {PAPER_COLUMN}: the paper's Table 1 average over its 7 tasks (-v1, "
                     "3 seeds, no CI) where the setting is the paper's row, to compare with "
@@ -198,7 +200,8 @@ def _sensitivity(rep: Report, parts: list) -> None:
                          "figures skipped.")
         return
     n = "minmax" if len(rep.envs) > 1 else "raw"
-    sets = score_sets(rep.scores, SCORE_COLUMN[n], list(grid.setting))
+    sets = score_sets(rep.scores[rep.scores.env.isin(rep.aggregate_envs)], SCORE_COLUMN[n],
+                      list(grid.setting))
     cells = pd.DataFrame([{**_estimate(r.setting, "all", "Mean", sets[r.setting], _mean,
                                        rep.options), "dtarg": r.dtarg, "increment": r.increment}
                           for r in grid.itertuples()])
@@ -274,7 +277,8 @@ def compute(rep: Report) -> None:
                          + ": reference-normalized aggregates are skipped.")
     if len(rep.envs) == 1:
         normalizations.append("raw")
-    rep.score_sets = {n: score_sets(rep.scores, SCORE_COLUMN[n], rep.settings)
+    scores = rep.scores[rep.scores.env.isin(rep.aggregate_envs)]  # same tasks for all
+    rep.score_sets = {n: score_sets(scores, SCORE_COLUMN[n], rep.settings)
                       for n in normalizations}
     minmax_table = _aggregates(rep, normalizations, parts)
 

@@ -90,8 +90,9 @@ def draw(rep: Report) -> None:
     def normalized(run, v):
         return normalize(v, const.loc[run["env"], "random_score"],
                          const.loc[run["env"], "best_score"])
-    grid = frame_grid(long, 20)
-    sets = curve_sets(long, "episode_return", grid, transform=normalized)
+    common = long[long.env.isin(rep.aggregate_envs)]  # the tasks every setting ran on
+    grid = frame_grid(common, 20)
+    sets = curve_sets(common, "episode_return", grid, transform=normalized)
     est = {s: agg.curve_estimates(sets[s], "iqm", reps, rs) for s in rep.settings if s in sets}
     save(figures.sample_efficiency(grid, est, styles, "IQM normalized return"),
          "sample_efficiency")
