@@ -159,7 +159,9 @@ def _per_env(rep: Report, parts: list) -> None:
 
 def _table1(rep: Report, minmax_table: pd.DataFrame, parts: list) -> None:
     """The PPO paper's Table 1: mean min-max normalized score per env and on average."""
-    minmax, rows, cells = rep.score_sets["minmax"], [], []
+    # every env's column, tasks only some settings ran on included (the average is over
+    # rep.aggregate_envs, from ``minmax_table``)
+    minmax, rows, cells = score_sets(rep.scores, SCORE_COLUMN["minmax"], rep.settings), [], []
     for s in rep.settings:
         row = {"setting": s}
         for e in rep.envs:
