@@ -271,10 +271,11 @@ def compute(rep: Report) -> None:
     """Every rliable estimate and every table; fills ``rep.aggregates`` and ``rep.tables``."""
     parts = []
     normalizations = ["minmax"]
-    if rep.constants.reference_score.notna().all():
+    constants = rep.constants[rep.constants.env.isin(rep.aggregate_envs)]
+    if constants.reference_score.notna().all():
         normalizations.append("reference")
     else:
-        missing = rep.constants.loc[rep.constants.reference_score.isna(), "env"]
+        missing = constants.loc[constants.reference_score.isna(), "env"]
         rep.notes.append("No shipped reference score for " + ", ".join(missing)
                          + ": reference-normalized aggregates are skipped.")
     if len(rep.envs) == 1:
