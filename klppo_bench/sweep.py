@@ -217,7 +217,7 @@ def main_sweep(args) -> int:
         states = {r.run_id: run_state(exp_dir, r.run_id) for r in runs}
         _print_unreadable(exp_dir, runs, states)
         _print_plan(runs, states, args.retry_failed, exp_dir)
-        _print_jobs(runs, args)
+        _print_jobs(runs, args, states)
         _print_left_out(exp_dir, _definition(spec, runs, exp_dir))
         todo = sum(needs_run(s, args.retry_failed) for s in states.values())
         print(f"{len(runs)} runs in {exp_dir}: {len(runs) - todo} skipped, {todo} to run "
@@ -263,7 +263,9 @@ def _print_reasons(reasons: dict[str, str]) -> None:
         print(f"{setting}: reference engine: {reason}")
 
 
-def _print_jobs(runs: list[PlannedRun], args) -> None:
+def _print_jobs(runs: list[PlannedRun], args, states: dict[str, str]) -> None:
+    """The jobs the same command without --dry-run starts (as :func:`_execute` plans them:
+    over the whole spec, a job whose runs are all done dropped), and which runs each writes."""
     from klppo_bench.backends import default_workers
     from klppo_bench.plan import describe_job
 
@@ -271,9 +273,16 @@ def _print_jobs(runs: list[PlannedRun], args) -> None:
                               getattr(args, "seeds_per_process", None),
                               args.workers or default_workers())
     _print_reasons(reasons)
-    print(f"{len(jobs)} jobs:")
-    for i, job in enumerate(jobs):
+    todo = [[needs_run(states[e["run_id"]], args.retry_failed) for e in job] for job in jobs]
+    started = [(job, writes) for job, writes in zip(jobs, todo) if any(writes)]
+    done = len(jobs) - len(started)
+    print(f"{len(started)} jobs:" + (f" ({done} more planned, all of their runs done)"
+                                      if done else ""))
+    for i, (job, writes) in enumerate(started):
         print(f"  job {i + 1:<3} {describe_job(job)}")
+        if not all(writes):
+            print(f"          trains all {len(job)} lanes again (the same bits), writes "
+                  f"{sum(writes)}: the lanes' runs not done")
 
 
 def _execute(runs: list[PlannedRun], todo: list[PlannedRun], exp_dir: Path, args,

@@ -312,6 +312,26 @@ def test_settings_that_differ_in_hyperparameter_values_share_jobs(capsys, tmp_pa
     assert out.count("batched    9 lanes  Hopper-v5  klpen-adaptive") == 2
 
 
+def test_dry_run_lists_only_the_jobs_the_sweep_would_start(capsys, tmp_path):
+    """dtarg x increment, 2 seeds: 3 jobs (clip's 2 seeds, two of 9 adaptive lanes). With
+    clip done and one adaptive lane done, --dry-run lists 2 jobs, as the real sweep starts
+    them, and says the partly done one writes only its 8 missing runs."""
+    from klppo_bench.cli import main
+    from klppo_bench.store import RunDir
+
+    runs = spec_runs("dtarg_increment", seeds=2)
+    adaptive = next(r for r in runs if r.setting.startswith("klpen-adaptive"))
+    for run in [r for r in runs if r.setting == "clip"] + [adaptive]:
+        RunDir(tmp_path / "dtarg_increment" / "runs" / run.run_id).set_status("done")
+    assert main(["sweep", str(EXPERIMENTS / "dtarg_increment.yaml"), "--seeds", "2",
+                 "--results", str(tmp_path), "--dry-run", "--workers", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "2 jobs: (1 more planned, all of their runs done)" in out
+    assert "clip seeds" not in out.split("2 jobs:")[1]
+    assert out.count("trains all 9 lanes again (the same bits), writes 8") == 1
+    assert "20 runs in " in out and ": 3 skipped, 17 to run" in out
+
+
 def test_dry_run_shows_a_running_runs_progress(tmp_path, capsys):
     from klppo_bench.cli import main
     from klppo_bench.store import RunDir
