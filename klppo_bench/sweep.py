@@ -276,8 +276,11 @@ def _print_jobs(runs: list[PlannedRun], args, states: dict[str, str]) -> None:
     todo = [[needs_run(states[e["run_id"]], args.retry_failed) for e in job] for job in jobs]
     started = [(job, writes) for job, writes in zip(jobs, todo) if any(writes)]
     done = len(jobs) - len(started)
-    print(f"{len(started)} jobs:" + (f" ({done} more planned, all of their runs done)"
-                                      if done else ""))
+    if done:
+        print(f"{len(started)} jobs:" + (f" ({done} more planned, all of their runs done)"
+                                          if started else f" (all {done} planned jobs done)"))
+    else:
+        print(f"{len(started)} jobs:")
     for i, (job, writes) in enumerate(started):
         print(f"  job {i + 1:<3} {describe_job(job)}")
         if not all(writes):
