@@ -315,7 +315,7 @@ def test_settings_that_differ_in_hyperparameter_values_share_jobs(capsys, tmp_pa
 def test_dry_run_lists_only_the_jobs_the_sweep_would_start(capsys, tmp_path):
     """dtarg x increment, 2 seeds: 3 jobs (clip's 2 seeds, two of 9 adaptive lanes). With
     clip done and one adaptive lane done, --dry-run lists 2 jobs, as the real sweep starts
-    them, and says the partly done one writes only its 8 missing runs."""
+    them, and says the partly done one writes only its 8 missing runs; with every run done, none."""
     from klppo_bench.cli import main
     from klppo_bench.store import RunDir
 
@@ -330,6 +330,12 @@ def test_dry_run_lists_only_the_jobs_the_sweep_would_start(capsys, tmp_path):
     assert "clip seeds" not in out.split("2 jobs:")[1]
     assert out.count("trains all 9 lanes again (the same bits), writes 8") == 1
     assert "20 runs in " in out and ": 3 skipped, 17 to run" in out
+    for run in runs:
+        RunDir(tmp_path / "dtarg_increment" / "runs" / run.run_id).set_status("done")
+    assert main(["sweep", str(EXPERIMENTS / "dtarg_increment.yaml"), "--seeds", "2",
+                 "--results", str(tmp_path), "--dry-run", "--workers", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "0 jobs: (all 3 planned jobs done)" in out and "  job 1" not in out
 
 
 def test_dry_run_shows_a_running_runs_progress(tmp_path, capsys):
