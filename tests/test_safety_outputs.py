@@ -210,6 +210,34 @@ def test_the_store_reads_and_writes_parquet_without_starting_arrows_thread_pools
     assert with_store == before and with_pandas > before
 
 
+def test_the_store_writes_parquet_compact_and_lossless(tmp_path):
+    """Shipped runs are written as the store writes them: zstd, float columns
+    byte-stream-split, no statistics; every value, column and dtype reads back the same."""
+    import numpy as np
+    import pandas as pd
+    import pyarrow.parquet as pq
+    from klppo_bench.store import atomic_write_parquet, read_parquet
+
+    rng = np.random.default_rng(0)
+    df = pd.DataFrame({"frames": np.arange(0, 2048 * 300, 2048),
+                       "kl": rng.standard_normal(300) * 1e-3,
+                       "lr": np.linspace(3e-4, 0, 300).astype(np.float32),
+                       "edge": np.r_[np.nan, np.inf, -np.inf, -0.0, np.zeros(296)],
+                       "setting": ["clip"] * 300})
+    path = tmp_path / "metrics.parquet"
+    atomic_write_parquet(path, df)
+    back = read_parquet(path)
+    pd.testing.assert_frame_equal(back, df)
+    assert np.signbit(back.edge[3]) and list(back.dtypes) == list(df.dtypes)
+    meta = pq.ParquetFile(path).metadata.row_group(0)
+    columns = {meta.column(i).path_in_schema: meta.column(i) for i in range(meta.num_columns)}
+    assert {c.compression for c in columns.values()} == {"ZSTD"}
+    for name in ("kl", "lr", "edge"):
+        assert "BYTE_STREAM_SPLIT" in columns[name].encodings
+    assert "BYTE_STREAM_SPLIT" not in columns["frames"].encodings
+    assert not any(c.is_stats_set for c in columns.values())
+
+
 # ---------------------------------------------------------------- unwritable locations
 
 @pytest.mark.parametrize("command", ["sweep", "run", "report"])
